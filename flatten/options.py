@@ -1,0 +1,69 @@
+"""Typed options for flattening and masking (part of the partner contract).
+
+Pure pydantic models, no Beam. ``ingest.contract`` composes them into the
+partner contract; each field's docstring is the contract's documentation.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["SchemaMode", "PiiPolicy", "ColumnAnnotation", "FlattenOptions"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SchemaMode(str, Enum):
+    """What happens when a value does not fit its column's established type."""
+
+    EVOLVE = "evolve"  #: store it in a variant column ``<col>__v_<type>``
+    FREEZE = "freeze"  #: dead-letter the event, naming the column and both types
+    DISCARD_VALUE = "discard_value"  #: store NULL for that value, keep the row
+
+
+class PiiPolicy(str, Enum):
+    HASH = "hash"  #: keyed HMAC-SHA256 (hex)
+    TOKENIZE = "tokenize"  #: deterministic token ``tok_<...>``, joins across tables/partners
+    REDACT = "redact"  #: fixed mask keeping a format hint (e.g. last 4 chars)
+    DROP = "drop"  #: column removed entirely
+
+
+class ColumnAnnotation(_Frozen):
+    """A sensitive-column annotation from the partner's contract."""
+
+    path: str = Field(
+        description="Dotted path into the event; '*' matches any one key, "
+        "'[]' any list element: 'user.ssn', 'user.*.ssn', 'accounts[].number'."
+    )
+    pii: PiiPolicy
+    keep_last: int = Field(4, ge=0, le=16, description="redact: trailing characters kept.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_not_empty(cls, v: str) -> str:
+        if not v.strip() or v.startswith(".") or v.endswith(".") or ".." in v:
+            raise ValueError(f"invalid column path {v!r}")
+        return v
+
+
+class FlattenOptions(_Frozen):
+    """How a partner's nested events become rows."""
+
+    max_depth: int = Field(
+        16, ge=1, le=64, description="Nesting depth flattened into columns; deeper content is kept as a JSON column."
+    )
+    scalar_arrays: str = Field(
+        "repeated", pattern="^(repeated|child)$",
+        description="Arrays of scalars: 'repeated' column (BigQuery REPEATED) or child table rows.",
+    )
+    timestamp_columns: tuple[str, ...] = Field(
+        (), description="Flattened column names always parsed as TIMESTAMP."
+    )
+    detect_timestamps: bool = Field(
+        True, description="Infer TIMESTAMP/DATE from ISO-8601 looking strings in other columns."
+    )
+    schema_mode: SchemaMode = Field(SchemaMode.EVOLVE, description="Type-conflict policy.")
