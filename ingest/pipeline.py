@@ -1,0 +1,139 @@
+"""The unified headwater pipeline: every configured source through the same transforms.
+
+    sources -> ParseEnvelope (decode, validate, mask) -> DropDuplicateEvents
+            -> FlattenEvents -> ComputeAggregates -> WriteWarehouse
+    every failure anywhere -> AllDeadLetters -> WriteWarehouse (dead-letter table)
+
+Streaming (Pub/Sub, Kafka) and bounded (files, gs://, s3://) inputs share all
+steps after the source, so a backfill yields the same rows and aggregates as
+the live stream did for the same events.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import PCollection
+
+from flatten.records import RawMessage
+from ingest.contract import Contract
+from ingest.dedup import DropDuplicateEvents
+from ingest.flatten_step import FlattenEvents
+from ingest.parse import ParseEnvelope
+from ingest.sources import ReadSource, source_labels
+from state.transform import ComputeAggregates
+
+__all__ = ["HeadwaterPipeline", "HeadwaterOutputs", "WriteWarehouse", "build", "run", "pipeline_options"]
+
+_LOG = logging.getLogger(__name__)
+
+
+class HeadwaterOutputs(NamedTuple):
+    rows: PCollection  # TableRow
+    aggregates: PCollection  # AggregateRow
+    dead_letters: PCollection  # DeadLetter
+
+
+class HeadwaterPipeline(beam.PTransform):
+    """PBegin -> HeadwaterOutputs. The whole unified pipeline up to (not including) the warehouse.
+
+    ``source_overrides`` maps a source label (see ``ingest.sources.source_labels``)
+    to a PTransform producing ``PCollection[RawMessage]`` (e.g. ``beam.Create`` or
+    ``TestStream``); with ``require_overrides=True`` a configured source left
+    without an override is an error, so a test can never reach a real server by accident.
+    """
+
+    def __init__(self, contract: Contract, source_overrides: Optional[Mapping[str, beam.PTransform]] = None,
+                 require_overrides: bool = False, label: str = "Headwater"):
+        super().__init__(label)
+        self._contract = contract
+        self._overrides = dict(source_overrides or {})
+        self._require = require_overrides
+
+    def expand(self, pbegin) -> HeadwaterOutputs:
+        contract = self._contract
+        messages: list[PCollection] = []
+        dead: list[PCollection] = []
+        labels = []
+        for partner in contract.partners:
+            for label, spec in source_labels(partner):
+                labels.append(label)
+                if label in self._overrides:
+                    messages.append(pbegin | label >> self._overrides.pop(label))
+                    continue
+                if self._require:
+                    raise ValueError(f"source {label!r} has no override but require_overrides=True")
+                msgs, dls = pbegin | label >> ReadSource(spec, partner, label)
+                messages.append(msgs)
+                if dls is not None:
+                    dead.append(dls)
+        if self._overrides:
+            raise ValueError(f"overrides for unknown sources {sorted(self._overrides)}; sources are {labels}")
+
+        raw = messages | "AllMessages" >> beam.Flatten()
+        parsed = raw | "ParseEnvelope" >> ParseEnvelope(contract)
+        events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents()
+        flat = events | "FlattenEvents" >> FlattenEvents(contract)
+        specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
+        aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(specs)
+        dead += [parsed.dead_letter, flat.dead_letter, aggs.dead_letter]
+        dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
+        return HeadwaterOutputs(rows=flat.rows, aggregates=aggs.aggregates, dead_letters=dead_letters)
+
+
+class WriteWarehouse(beam.PTransform):
+    """HeadwaterOutputs -> the configured warehouse (DuckDB file or BigQuery)."""
+
+    def __init__(self, contract: Contract, label: str = "WriteWarehouse"):
+        super().__init__(label)
+        self._contract = contract
+
+    def expand(self, outputs: HeadwaterOutputs):
+        c = self._contract
+        tables = {p.name: p.table for p in c.partners}
+        modes = {p.name: p.flatten.schema_mode for p in c.partners}
+        pcolls = {"rows": outputs.rows, "aggregates": outputs.aggregates, "dead_letters": outputs.dead_letters}
+        if c.warehouse.kind == "bigquery":
+            from sinks.bigquery_sink import WriteToBigQueryWarehouse
+
+            return pcolls | "BigQuery" >> WriteToBigQueryWarehouse(c.warehouse, tables)
+        from sinks.duckdb_sink import WriteToDuckDB
+
+        return pcolls | "DuckDB" >> WriteToDuckDB(c.warehouse, tables, modes)
+
+
+def build(p: beam.Pipeline, contract: Contract, **kwargs) -> HeadwaterOutputs:
+    """Apply the whole job (pipeline + warehouse) to ``p``; returns the pre-sink outputs."""
+    outputs = p | "Headwater" >> HeadwaterPipeline(contract, **kwargs)
+    _ = outputs | "WriteWarehouse" >> WriteWarehouse(contract)
+    return outputs
+
+
+def pipeline_options(contract: Contract, beam_argv: Sequence[str]) -> PipelineOptions:
+    """Beam options for this contract: the user's argv plus headwater's defaults for the local runners."""
+    argv = list(beam_argv)
+    has_runner = any(a == "--runner" or a.startswith("--runner=") for a in argv)
+    if contract.streaming:
+        from ingest.runner import runner_options
+
+        argv = runner_options(True, argv)
+    elif not has_runner:
+        # The portable FnApiRunner is the fastest local batch runner and runs state and timers;
+        # naming it skips DirectRunner's attempt to download Prism (this machine class has no internet).
+        argv = ["--runner=FnApiRunner", *argv]
+    opts = PipelineOptions(argv)
+    if contract.streaming:
+        opts.view_as(StandardOptions).streaming = True
+    return opts
+
+
+def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
+    """Build and run the job. Returns the PipelineResult (finished when ``wait``)."""
+    p = beam.Pipeline(options=pipeline_options(contract, beam_argv))
+    build(p, contract)
+    result = p.run()
+    if wait:
+        result.wait_until_finish()
+    return result

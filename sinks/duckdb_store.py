@@ -1,0 +1,270 @@
+"""The embedded warehouse: one DuckDB file. Pure (no Beam): used by the sink DoFns and the CLI.
+
+Tables
+- one per partner table and per child table (``<table>__<array path>``), with
+  ``_row_id`` as PRIMARY KEY: writes are ``INSERT OR IGNORE``, so re-running the
+  same input never duplicates rows;
+- ``_partition`` (TIMESTAMP): the partition column truncated to the table's
+  granularity. DuckDB has no declarative partitions; rows are inserted in
+  ``_partition`` order so DuckDB's per-row-group min/max zone maps skip
+  unrelated row groups on ``WHERE _partition = ...`` filters. Clustering columns
+  are recorded in ``_headwater_tables`` (BigQuery applies them; DuckDB does not);
+- ``dead_letters``, ``aggregates``; ``_headwater_schemas`` keeps every version of
+  every table schema (``headwater schema`` reads it).
+
+Several writers in one process share a lock; writers in other processes retry
+while DuckDB's file lock is held.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Iterable, Mapping, Optional, Sequence
+
+import duckdb
+import orjson
+
+from flatten.options import SchemaMode
+from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
+from flatten.schema import ColumnSchema, TableSchema, reconcile
+from sinks.spec import TableSpec, WarehouseSpec
+
+__all__ = ["DuckDBWarehouse", "duck_type", "open_readonly"]
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+_BQ_TO_DUCK = {
+    "BOOL": "BOOLEAN", "BOOLEAN": "BOOLEAN", "INT64": "BIGINT", "INTEGER": "BIGINT", "FLOAT64": "DOUBLE",
+    "FLOAT": "DOUBLE", "NUMERIC": "DECIMAL(38,9)", "BIGNUMERIC": "VARCHAR", "STRING": "VARCHAR",
+    "TIMESTAMP": "TIMESTAMP", "DATE": "DATE", "JSON": "JSON", "BYTES": "BLOB",
+}
+_READ_TYPE = {"JSON": "VARCHAR"}  # read JSON text as text; the JSON column validates it on insert
+_GRAN = {"HOUR": "hour", "DAY": "day", "MONTH": "month", "YEAR": "year"}
+
+
+def duck_type(col: ColumnSchema, *, for_read: bool = False) -> str:
+    t = (_READ_TYPE.get(col.type) if for_read else None) or _BQ_TO_DUCK.get(col.type, "VARCHAR")
+    return f"{t}[]" if col.mode == "REPEATED" else t
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _lock_for(path: str) -> threading.Lock:
+    key = os.path.abspath(path)
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.Lock())
+
+
+def open_readonly(path: str, timeout_s: float = 30.0) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse for reading, waiting while a writer holds the file lock."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return duckdb.connect(path, read_only=True)
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+class DuckDBWarehouse:
+    """Writes batches of rows, aggregates and dead letters into one DuckDB file."""
+
+    def __init__(self, spec: WarehouseSpec, tables: Mapping[str, TableSpec],
+                 modes: Mapping[str, SchemaMode], lock_timeout_s: float = 120.0):
+        self.spec = spec
+        self.path = spec.path
+        self.tables = dict(tables)
+        self.modes = dict(modes)
+        self._lock = _lock_for(self.path)
+        self._timeout = lock_timeout_s
+
+    # -- connection -------------------------------------------------------------------------------
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self._timeout
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(self.path)
+            except duckdb.IOException as exc:  # another process holds the file: transient, bounded retry
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _with_conn(self, fn):
+        with self._lock:
+            con = self._connect()
+            try:
+                self._ensure_meta(con)
+                return fn(con)
+            finally:
+                con.close()
+
+    def _ensure_meta(self, con) -> None:
+        dl, ag = _q(self.spec.dead_letter_table), _q(self.spec.aggregates_table)
+        con.execute("CREATE TABLE IF NOT EXISTS _headwater_schemas (table_name VARCHAR, version BIGINT, "
+                    "schema_json VARCHAR, updated_at TIMESTAMP, PRIMARY KEY (table_name, version))")
+        con.execute("CREATE TABLE IF NOT EXISTS _headwater_tables (table_name VARCHAR PRIMARY KEY, partner VARCHAR, "
+                    "partition_column VARCHAR, partition_granularity VARCHAR, clustering VARCHAR[])")
+        con.execute(f"CREATE TABLE IF NOT EXISTS {dl} (id VARCHAR PRIMARY KEY, partner VARCHAR, source VARCHAR, "
+                    "coords VARCHAR, payload BLOB, payload_preview VARCHAR, payload_ref VARCHAR, error_class VARCHAR, "
+                    "reason VARCHAR, message VARCHAR, step VARCHAR, event_time TIMESTAMP, processing_time TIMESTAMP)")
+        con.execute(f"CREATE TABLE IF NOT EXISTS {ag} (partner VARCHAR, aggregate VARCHAR, key VARCHAR, "
+                    "\"window\" VARCHAR, metrics JSON, watermark TIMESTAMP, version BIGINT, emitted_at TIMESTAMP, "
+                    "final BOOLEAN, PRIMARY KEY (partner, aggregate, key, \"window\", version))")
+
+    # -- schemas ----------------------------------------------------------------------------------
+    @staticmethod
+    def _load_schema(con, table: str) -> Optional[TableSchema]:
+        row = con.execute("SELECT schema_json FROM _headwater_schemas WHERE table_name = ? "
+                          "ORDER BY version DESC LIMIT 1", [table]).fetchone()
+        return TableSchema.from_json(row[0]) if row else None
+
+    def _create_table(self, con, table: str, partner: str, spec: TableSpec) -> TableSchema:
+        schema = TableSchema(columns=(), version=0)
+        con.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
+        is_child = table != spec.name
+        con.execute("INSERT OR IGNORE INTO _headwater_tables VALUES (?, ?, ?, ?, ?)",
+                    [table, partner, "_event_time" if is_child else spec.partition_column,
+                     spec.partition_granularity, [] if is_child else list(spec.clustering)])
+        return schema
+
+    def _apply_schema(self, con, table: str, old: TableSchema, new: TableSchema) -> None:
+        have = {c.name for c in old.columns}
+        for col in new.columns:
+            if col.name not in have:
+                con.execute(f"ALTER TABLE {_q(table)} ADD COLUMN {_q(col.name)} {duck_type(col)}")
+        con.execute("INSERT OR IGNORE INTO _headwater_schemas VALUES (?, ?, ?, ?)",
+                    [table, new.version, new.to_json(), datetime.now(timezone.utc).replace(tzinfo=None)])
+
+    # -- writes -----------------------------------------------------------------------------------
+    def write_rows(self, rows: Sequence[TableRow]) -> list[DeadLetter]:
+        """Insert rows (idempotent per row id). Returns dead letters for rows the warehouse rejected."""
+        if not rows:
+            return []
+        by_table: dict[str, dict[str, TableRow]] = {}
+        for r in rows:
+            by_table.setdefault(r.table, {})[r.row_id] = r
+
+        def go(con) -> list[DeadLetter]:
+            dead: list[DeadLetter] = []
+            for table, batch in by_table.items():
+                dead += self._write_table(con, table, list(batch.values()))
+            return dead
+
+        return self._with_conn(go)
+
+    def _write_table(self, con, table: str, batch: list[TableRow]) -> list[DeadLetter]:
+        partner = batch[0].partner
+        spec = self.tables[partner]
+        mode = self.modes.get(partner, SchemaMode.EVOLVE)
+        schema = self._load_schema(con, table)
+        if schema is None:
+            schema = self._create_table(con, table, partner, spec)
+        start = schema
+        dead: list[DeadLetter] = []
+        ready: list[dict] = []
+        for r in batch:
+            rec = reconcile(schema, orjson.loads(r.row), orjson.loads(r.types), mode)
+            if rec.conflicts and mode == SchemaMode.FREEZE:
+                c = rec.conflicts[0]
+                more = f" (+{len(rec.conflicts) - 1} more)" if len(rec.conflicts) > 1 else ""
+                dead.append(self._row_dead(r, Reason.TYPE_CONFLICT, "TypeConflict",
+                                           f"table {table}: column {c.column!r} is {c.existing_type} but the value is "
+                                           f"{c.new_type}{more}", r.row))
+                continue
+            schema = rec.schema
+            cols = dict(rec.columns)
+            cols["_row_id"] = r.row_id
+            ready.append(cols)
+        if schema.version != start.version or schema.columns != start.columns:
+            self._apply_schema(con, table, start, schema)
+        if ready:
+            dead += self._insert(con, table, spec, schema, ready, batch)
+        return dead
+
+    def _insert(self, con, table: str, spec: TableSpec, schema: TableSchema, recs: list[dict],
+                batch: list[TableRow]) -> list[DeadLetter]:
+        cols = [ColumnSchema("_row_id", "STRING", "NULLABLE"), *schema.columns]
+        names = [c.name for c in cols]
+        pcol = spec.partition_column if table == spec.name else "_event_time"
+        part = (f"date_trunc('{_GRAN[spec.partition_granularity]}', {_q(pcol)})"
+                if pcol in names else "NULL::TIMESTAMP")
+        col_types = "{" + ", ".join(f"{_sql_str(c.name)}: {_sql_str(duck_type(c, for_read=True))}" for c in cols) + "}"
+        select = ", ".join(_q(n) for n in names)
+
+        def insert(lines: list[dict], order: str = "") -> None:
+            fd, tmp = tempfile.mkstemp(prefix="headwater-", suffix=".jsonl")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(b"\n".join(orjson.dumps(rec) for rec in lines) + b"\n")
+                con.execute(f"INSERT OR IGNORE INTO {_q(table)} ({select}, _partition) "
+                            f"SELECT {select}, {part} AS _partition FROM read_json({_sql_str(tmp)}, columns={col_types}, "
+                            f"format='newline_delimited', maximum_object_size=134217728){order}")
+            finally:
+                os.unlink(tmp)
+
+        try:
+            insert(recs, " ORDER BY _partition")
+            return []
+        except duckdb.Error:
+            pass  # one bad row fails the whole statement: find it row by row
+        by_id = {r.row_id: r for r in batch}
+        dead = []
+        for rec in recs:
+            try:
+                insert([rec])
+            except duckdb.Error as exc:
+                r = by_id[rec["_row_id"]]
+                dead.append(self._row_dead(r, Reason.SINK_REJECTED, type(exc).__name__,
+                                           f"table {table}: warehouse rejected the row: {str(exc)[:500]}", r.row))
+        return dead
+
+    @staticmethod
+    def _row_dead(r: TableRow, reason: str, cls: str, msg: str, payload: bytes) -> DeadLetter:
+        return DeadLetter(partner=r.partner, source="warehouse", coords=f"table:{r.table}/{r.row_id}",
+                          payload=payload, payload_ref="sha256:" + hashlib.sha256(payload).hexdigest(),
+                          error_class=cls, reason=reason, message=msg, step="WriteWarehouse",
+                          event_time_us=r.event_time_us, processing_time_us=int(time.time() * 1_000_000))
+
+    def write_dead_letters(self, dls: Iterable[DeadLetter]) -> int:
+        rows = []
+        for d in dls:
+            ident = hashlib.sha256("\x1f".join(
+                [d.partner, d.coords, d.payload_ref, d.reason, d.step]).encode()).hexdigest()[:32]
+            rows.append([ident, d.partner, d.source, d.coords, d.payload,
+                         d.payload[:1000].decode("utf-8", "replace"), d.payload_ref, d.error_class, d.reason,
+                         d.message, d.step, _ts(d.event_time_us), _ts(d.processing_time_us)])
+        if not rows:
+            return 0
+        tbl = _q(self.spec.dead_letter_table)
+        self._with_conn(lambda con: con.executemany(
+            f"INSERT OR IGNORE INTO {tbl} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
+        return len(rows)
+
+    def write_aggregates(self, aggs: Iterable[AggregateRow]) -> int:
+        rows = [[a.partner, a.aggregate, a.key, a.window, a.metrics.decode(), _ts(a.watermark_us), a.version,
+                 _ts(a.emitted_us), a.final] for a in aggs]
+        if not rows:
+            return 0
+        tbl = _q(self.spec.aggregates_table)
+        self._with_conn(lambda con: con.executemany(
+            f"INSERT OR IGNORE INTO {tbl} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
+        return len(rows)
+
+
+def _ts(us: Optional[int]) -> Optional[datetime]:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1_000_000, tz=timezone.utc).replace(tzinfo=None)
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
