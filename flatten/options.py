@@ -61,9 +61,14 @@ class FlattenOptions(_Frozen):
         description="Arrays of scalars: 'repeated' column (BigQuery REPEATED) or child table rows.",
     )
     timestamp_columns: tuple[str, ...] = Field(
-        (), description="Flattened column names always parsed as TIMESTAMP."
+        (), description="Flattened column names always parsed as TIMESTAMP (ISO-8601 strings, "
+        "or epoch numbers with the unit chosen by magnitude). Child-table columns are named '<table>__<column>'."
     )
     detect_timestamps: bool = Field(
         True, description="Infer TIMESTAMP/DATE from ISO-8601 looking strings in other columns."
+    )
+    no_timestamp_columns: tuple[str, ...] = Field(
+        (), description="Flattened column names never inferred as TIMESTAMP/DATE (kept STRING) even with detect_timestamps. "
+        "Child-table columns are named '<table>__<column>', e.g. 'items__created_at'.",
     )
     schema_mode: SchemaMode = Field(SchemaMode.EVOLVE, description="Type-conflict policy.")
