@@ -55,6 +55,8 @@ class AggregateSpec(_Frozen):
     allowed_lateness: str = Field("1h", description="Events older than the watermark minus this go to dead letters (reason 'late').")
     ttl: str = Field("30d", description="State of a key silent for this long (event time) is cleared.")
     distinct_exact_threshold: int = Field(1000, ge=1, description="Distinct counts are exact up to this many values, HyperLogLog beyond.")
+    hll_precision: int = Field(12, ge=4, le=16, description="HyperLogLog precision p (2**p registers); relative standard error 1.04/sqrt(2**p), 1.6% at p=12.")
+    window_bucket: Optional[str] = Field(None, description="Bucket size of sliding windows in state (e.g. '1h'); default: the coarsest of 1d/1h/1m/1s giving at least 6 buckets per window and dividing every window.")
 
     @field_validator("windows")
     @classmethod
@@ -81,4 +83,35 @@ class AggregateSpec(_Frozen):
             raise ValueError("at least one metric")
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate metric names in {names}")
+        sliding = self.sliding_windows_s()
+        ttl = parse_duration_s(self.ttl)
+        if sliding and ttl < max(sliding.values()):
+            raise ValueError(f"aggregate {self.name!r}: ttl {self.ttl!r} is shorter than the longest window; state would be cleared inside it")
+        if ttl <= parse_duration_s(self.allowed_lateness):
+            raise ValueError(f"aggregate {self.name!r}: ttl {self.ttl!r} must be longer than allowed_lateness {self.allowed_lateness!r}")
+        if parse_duration_s(self.allowed_lateness) < 1 or parse_duration_s(self.emit_every) < 0.001:
+            raise ValueError(f"aggregate {self.name!r}: allowed_lateness must be >= 1s and emit_every > 0")
+        for w, n in sliding.items():
+            if n < 1 or n != int(n):
+                raise ValueError(f"aggregate {self.name!r}: window {w!r} must be a whole number of seconds >= 1s")
+        self.bucket_s()  # validates window_bucket
         return self
+
+    def sliding_windows_s(self) -> dict[str, float]:
+        """Sliding windows (all but 'lifetime') -> length in seconds."""
+        return {w: parse_duration_s(w) for w in self.windows if w != "lifetime"}
+
+    def bucket_s(self) -> Optional[int]:
+        """Bucket size (seconds) of the sliding windows' state, or None when there are none."""
+        sliding = [int(v) for v in self.sliding_windows_s().values()]
+        if not sliding:
+            return None
+        if self.window_bucket is not None:
+            b = parse_duration_s(self.window_bucket)
+            if b < 1 or b != int(b) or any(n % int(b) for n in sliding):
+                raise ValueError(f"aggregate {self.name!r}: window_bucket {self.window_bucket!r} must be whole seconds dividing every window {sorted(self.sliding_windows_s())}")
+            return int(b)
+        for unit in (86400, 3600, 60, 1):
+            if all(n % unit == 0 and n // unit >= 6 for n in sliding):
+                return unit
+        return 1

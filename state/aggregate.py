@@ -1,0 +1,297 @@
+"""Per-key aggregate arithmetic: a pure function of ``(state, event) -> (state, outputs)``.
+
+No Beam import: ``state/transform.py`` is a thin stateful DoFn around these
+functions, and the tests drive them directly.
+
+Model (see docs/state.md for the full design):
+
+* One :class:`AggState` per ``(partner, aggregate, key)``. It keeps a
+  ``lifetime`` accumulator per metric and, when the spec has sliding windows,
+  per-bucket accumulators (bucket size ``Plan.bucket_us``) for the last
+  ``max window`` of event time.
+* The key's event-time clock ``clock_us`` is an exclusive bound: rows emitted
+  "as of W" reflect events with ``event_time < W``. ``clock_us`` is the
+  maximum of (latest accepted event time + 1 us) and the latest event-time
+  timer that fired for the key. It only moves forward.
+* A sliding window ``N`` as of ``W`` covers the buckets that start in
+  ``[ceil_b(W) - N, ceil_b(W))``: the ``N / bucket`` buckets ending with the
+  one that holds ``W - 1``. At a bucket boundary ``E`` this is exactly
+  ``[E - N, E)``.
+* ``known_wm_us`` is a lower bound of the input watermark learnt from the
+  key's fired event-time timers (the DoFn cannot read the watermark). An event
+  with ``event_time < known_wm - allowed_lateness`` is late.
+* ``version = max(previous + 1, W)``: strictly increasing per key (and so per
+  window), roughly the as-of time in microseconds, and still increasing after
+  a TTL expiry cleared the state, because a new generation's clock is past
+  the expired one's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Mapping, NamedTuple, Optional
+
+import orjson
+
+from state import metrics as M
+from state.spec import AggregateSpec, parse_duration_s
+
+__all__ = [
+    "Plan", "plan_for", "AggState", "Event", "Rejection", "EmitRow",
+    "step", "emit", "on_close", "on_probe", "expire", "window_value",
+    "LIFETIME", "MIN_US",
+]
+
+LIFETIME = "lifetime"
+MIN_US = -(2**62)
+_US = 1_000_000
+
+
+class Plan(NamedTuple):
+    """An :class:`AggregateSpec` compiled to integers (microseconds)."""
+
+    names: tuple[str, ...]
+    fns: tuple[str, ...]
+    columns: tuple[Optional[str], ...]
+    windows: tuple[tuple[str, Optional[int]], ...]  # (name, length_us or None for lifetime)
+    bucket_us: Optional[int]
+    max_window_us: int
+    lateness_us: int
+    ttl_us: int
+    emit_every_us: int
+    probe_us: int
+    threshold: int
+    p: int
+
+
+@lru_cache(maxsize=None)
+def plan_for(spec: AggregateSpec) -> Plan:
+    sliding = spec.sliding_windows_s()
+    windows = tuple((w, None if w == LIFETIME else int(sliding[w]) * _US) for w in spec.windows)
+    bucket = spec.bucket_s()
+    lateness = int(parse_duration_s(spec.allowed_lateness) * _US)
+    return Plan(
+        names=tuple(m.name for m in spec.metrics),
+        fns=tuple(m.fn for m in spec.metrics),
+        columns=tuple(m.column for m in spec.metrics),
+        windows=windows,
+        bucket_us=None if bucket is None else bucket * _US,
+        max_window_us=max((n for _, n in windows if n), default=0),
+        lateness_us=lateness,
+        ttl_us=int(parse_duration_s(spec.ttl) * _US),
+        emit_every_us=max(1, int(parse_duration_s(spec.emit_every) * _US)),
+        # Watermark probe period: a quarter of the allowed lateness (>= 1 s).
+        probe_us=max(_US, lateness // 4),
+        threshold=spec.distinct_exact_threshold,
+        p=spec.hll_precision,
+    )
+
+
+class Event(NamedTuple):
+    event_time_us: int
+    event_id: str
+    values: Mapping[str, Any]
+
+
+class Rejection(NamedTuple):
+    """Something in an event that was not (fully) applied; becomes a DeadLetter."""
+
+    reason: str  # flatten.records.Reason.LATE | Reason.TYPE_CONFLICT
+    message: str
+
+
+class EmitRow(NamedTuple):
+    window: str
+    metrics: dict[str, Any]
+    watermark_us: int
+    version: int
+    final: bool
+
+
+@dataclass(slots=True)
+class AggState:
+    """Serialisable per-key state. ``to_bytes``/``from_bytes`` use orjson."""
+
+    version: int = 0
+    max_event_us: int = MIN_US  # latest accepted event time
+    clock_us: int = MIN_US  # as-of time (exclusive) of emissions
+    known_wm_us: int = MIN_US  # watermark lower bound from fired timers
+    closed_us: int = MIN_US  # last close boundary that fired
+    dirty: bool = False  # changed since the last processing-time emission
+    probe_k: int = 0  # watermark-probe backoff exponent (idle key)
+    lifetime: list = field(default_factory=list)
+    buckets: dict = field(default_factory=dict)  # bucket start us -> [acc per metric]
+    sigs: dict = field(default_factory=dict)  # window -> crc32 of last emitted metrics
+    # Desired event-time timers (None: not set). The DoFn diffs against these.
+    close_at: Optional[int] = None
+    ttl_at: Optional[int] = None
+    probe_at: Optional[int] = None
+    emit_pending: bool = False  # a processing-time emission timer is set
+
+    def to_bytes(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["buckets"] = [[b, accs] for b, accs in self.buckets.items()]
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "AggState":
+        d = orjson.loads(data)
+        d["buckets"] = {b: accs for b, accs in d["buckets"]}
+        return cls(**d)
+
+
+def _new(plan: Plan) -> AggState:
+    return AggState(lifetime=[M.new_acc(f) for f in plan.fns])
+
+
+def _floor(t: int, g: int) -> int:
+    return t - t % g
+
+
+def _ceil(t: int, g: int) -> int:
+    return -((-t) // g) * g
+
+
+# ---------------------------------------------------------------- events
+
+
+def step(state: Optional[AggState], ev: Event, plan: Plan) -> tuple[AggState, list[Rejection]]:
+    """Apply one event. Late events (before ``known_wm - allowed_lateness``) leave the state unchanged."""
+    st = state if state is not None else _new(plan)
+    t = ev.event_time_us
+    if t < st.known_wm_us - plan.lateness_us:
+        return st, [Rejection("late", f"event time {t} us is before the key's watermark {st.known_wm_us} us "
+                                       f"minus allowed lateness {plan.lateness_us} us")]
+    rejections: list[Rejection] = []
+    bucket = None
+    st.clock_us = max(st.clock_us, t + 1)
+    if plan.bucket_us is not None:
+        b = _floor(t, plan.bucket_us)
+        # A bucket that has left every window for good (as of the key's clock) only feeds the lifetime.
+        if b >= _ceil(st.clock_us, plan.bucket_us) - plan.max_window_us:
+            bucket = st.buckets.get(b)
+            if bucket is None:
+                bucket = st.buckets[b] = [M.new_acc(f) for f in plan.fns]
+                _prune(st, plan)
+    for i, (fn, col) in enumerate(zip(plan.fns, plan.columns)):
+        value = ev.values.get(col) if col else None
+        try:
+            st.lifetime[i] = M.add(fn, st.lifetime[i], value, t, ev.event_id, plan.threshold, plan.p)
+            if bucket is not None:
+                bucket[i] = M.add(fn, bucket[i], value, t, ev.event_id, plan.threshold, plan.p)
+        except M.TypeConflict as e:
+            rejections.append(Rejection("type_conflict", f"metric {plan.names[i]!r} column {col!r}: {e}"))
+    st.max_event_us = max(st.max_event_us, t)
+    st.dirty = True
+    st.ttl_at = st.max_event_us + plan.ttl_us
+    st.probe_k = 0
+    nxt = (max(t, st.known_wm_us) // plan.probe_us + 1) * plan.probe_us
+    st.probe_at = nxt if st.probe_at is None else min(st.probe_at, nxt)
+    st.close_at = _next_close(st, plan)
+    return st, rejections
+
+
+# ---------------------------------------------------------------- reading windows
+
+
+def window_value(st: AggState, plan: Plan, length_us: Optional[int], as_of_us: int) -> dict[str, Any]:
+    """Metric values of one window as of ``as_of_us`` (exclusive)."""
+    if length_us is None:
+        accs = st.lifetime
+    else:
+        g = plan.bucket_us
+        assert g is not None
+        end = _ceil(as_of_us, g)
+        start = end - length_us
+        accs = [M.new_acc(f) for f in plan.fns]
+        for b in sorted(st.buckets):
+            if start <= b < end:
+                accs = [M.merge(f, a, x, plan.threshold, plan.p) for f, a, x in zip(plan.fns, accs, st.buckets[b])]
+    return {n: M.result(f, a, plan.p) for n, f, a in zip(plan.names, plan.fns, accs)}
+
+
+def _rows(st: AggState, plan: Plan, which: tuple[tuple[str, Optional[int]], ...], *,
+          only_changed: bool, final: bool) -> list[EmitRow]:
+    w = st.clock_us
+    rows = []
+    for name, length in which:
+        vals = window_value(st, plan, length, w)
+        sig = zlib.crc32(orjson.dumps(vals, option=orjson.OPT_SORT_KEYS))
+        if only_changed and st.sigs.get(name) == sig:
+            continue
+        st.sigs[name] = sig
+        st.version = max(st.version + 1, w)
+        rows.append(EmitRow(name, vals, w, st.version, final))
+    return rows
+
+
+# ---------------------------------------------------------------- timers
+
+
+def emit(st: AggState, plan: Plan) -> tuple[AggState, list[EmitRow]]:
+    """Processing-time cadence: one row per window whose value changed since its last row."""
+    st.emit_pending = False
+    if not st.dirty:
+        return st, []
+    st.dirty = False
+    return st, _rows(st, plan, plan.windows, only_changed=True, final=False)
+
+
+def _advance(st: AggState, plan: Plan, t_us: int) -> None:
+    st.known_wm_us = max(st.known_wm_us, t_us)
+    st.clock_us = max(st.clock_us, t_us)
+    _prune(st, plan)
+
+
+def _prune(st: AggState, plan: Plan) -> None:
+    if plan.bucket_us is not None:
+        keep_from = _ceil(st.clock_us, plan.bucket_us) - plan.max_window_us
+        for b in [b for b in st.buckets if b < keep_from]:
+            del st.buckets[b]
+
+
+def _next_close(st: AggState, plan: Plan) -> Optional[int]:
+    """Next bucket boundary after the last fired close where a sliding window changes:
+    a bucket completes (b + bucket) or leaves a window (b + N + bucket)."""
+    g = plan.bucket_us
+    if g is None or not st.buckets:
+        return None
+    best = None
+    floor = st.closed_us
+    for b in st.buckets:
+        for c in (b + g, *(b + n + g for _, n in plan.windows if n)):
+            if c > floor and (best is None or c < best):
+                best = c
+    return best
+
+
+def on_close(st: AggState, plan: Plan, t_us: int) -> tuple[AggState, list[EmitRow]]:
+    """Event-time timer at a window boundary: the watermark passed ``t_us``; emit every sliding window."""
+    st.closed_us = max(st.closed_us, t_us)
+    _advance(st, plan, t_us)
+    rows = _rows(st, plan, tuple(w for w in plan.windows if w[1] is not None), only_changed=False, final=False)
+    st.close_at = _next_close(st, plan)
+    return st, rows
+
+
+def on_probe(st: AggState, plan: Plan, t_us: int) -> AggState:
+    """Watermark probe fired: learn ``known_wm >= t_us``; back off exponentially while the key is idle."""
+    _advance(st, plan, t_us)
+    st.probe_k = min(st.probe_k + 1, 40)
+    nxt = t_us + plan.probe_us * (2 ** st.probe_k)
+    st.probe_at = nxt if st.ttl_at is None or nxt < st.ttl_at else None
+    return st
+
+
+def expire(st: AggState, plan: Plan, t_us: int) -> tuple[Optional[AggState], list[EmitRow]]:
+    """TTL timer: the key has been silent for ``ttl``; emit final rows and clear the state.
+
+    Returns ``(None, rows)`` when the state must be cleared; ``(state, [])`` when the
+    deadline moved (a newer event arrived) and the timer is stale.
+    """
+    if st.ttl_at is not None and t_us < st.ttl_at:
+        return st, []
+    _advance(st, plan, t_us)
+    return None, _rows(st, plan, plan.windows, only_changed=False, final=True)
