@@ -46,6 +46,7 @@ from flatten.infer import (
 )
 from flatten.names import join_name, resolve_keys
 from flatten.options import FlattenOptions
+from flatten.plan import compile_plan
 
 __all__ = ["FlatRow", "FlattenError", "Flattener", "child_row_id", "ENVELOPE_COLUMNS", "CHILD_COLUMNS", "MAX_COLUMNS"]
 
@@ -55,7 +56,11 @@ ENVELOPE_COLUMNS = ("_event_id", "_user_id", "_event_time")
 CHILD_COLUMNS = ("_row_id", "_parent_row_id", "_event_id", "_index", "_event_time")
 #: BigQuery's per-table column limit; a row with more is a FlattenError.
 MAX_COLUMNS = 10_000
-_NAME_CACHE_MAX = 50_000
+#: Shapes compiled per object site / per flattener; past either the site walks generically.
+_PLANS_PER_SITE = 32
+_PLANS_TOTAL = 4096
+#: A shape is compiled the second time it is seen (one-off shapes are not worth exec()).
+_COMPILE_AFTER = 2
 
 
 class FlatRow(NamedTuple):
@@ -92,11 +97,32 @@ def _json_col(v: Any, path: str) -> str:
         raise FlattenError("unencodable", f"column {path!r}: {exc}") from None
 
 
+class _Site:
+    """One place objects occur: (table, column prefix, key depth). Holds its caches."""
+
+    __slots__ = ("table", "prefix", "depth", "deep", "plans", "seen", "names", "subs", "arrays", "generic")
+
+    def __init__(self, table: str, prefix: str, depth: int, max_depth: int) -> None:
+        self.table = table
+        self.prefix = prefix
+        self.depth = depth  # keys needed to reach the objects of this site
+        self.deep = depth + 1 >= max_depth  # containers in these objects are kept as JSON
+        self.plans: dict[tuple, Any] = {}
+        self.seen: dict[tuple, int] = {}
+        self.names: dict[tuple, list[str]] = {}
+        self.subs: dict[str, _Site] = {}
+        self.arrays: dict[str, _Site] = {}
+        self.generic = False
+
+
 class Flattener:
     """A flattener compiled once per :class:`FlattenOptions` (build it in ``DoFn.setup``).
 
-    Thread-compatible: the only mutable state is a bounded cache of resolved
-    column names keyed by (path, object keys), which never changes results.
+    Objects are handled per *site* (table, path, depth). Each object shape
+    (keys and value types) seen twice at a site is compiled into a
+    straight-line Python function (:mod:`flatten.plan`); sites with too many
+    shapes (maps keyed by ids ...) fall back to a generic loop with identical
+    output. Caches never change results. Not thread-safe: one per DoFn instance.
     """
 
     def __init__(self, options: FlattenOptions) -> None:
@@ -107,53 +133,104 @@ class Flattener:
         self._ts_cols = frozenset(options.timestamp_columns)
         self._no_ts_cols = frozenset(options.no_timestamp_columns)
         self._percol = bool(self._ts_cols or self._no_ts_cols)
-        self._names: dict[tuple, list[str]] = {}
+        self._root = _Site("", "", 0, self._max_depth)
+        self._nplans = 0
+        self._et_cache: dict[int, str] = {}
+        self.compile_enabled = True
 
     # ------------------------------------------------------------------ API
     def flatten(self, doc: dict, *, event_id: str, user_id: str, event_time_us: int) -> list[FlatRow]:
         """Rows for one event: the main row (``row_id == event_id``) then child rows."""
         if type(doc) is not dict:
             raise FlattenError("unsupported_type", f"event document is a {type(doc).__name__}, not an object")
-        try:
-            et = us_to_timestamp(event_time_us)
-        except (OverflowError, TypeError, ValueError):
-            raise FlattenError("bad_event_time", "event time out of range") from None
+        et = self._event_time(event_time_us)
         cols: dict = {"_event_id": event_id, "_user_id": user_id, "_event_time": et}
         types: dict = {"_event_id": "STRING", "_user_id": "STRING", "_event_time": "TIMESTAMP"}
         rows: list[FlatRow] = [None]  # type: ignore[list-item]  # main row goes first
-        ctx = (event_id, et, rows)
         if doc:
-            self._walk(doc, "", 0, cols, types, "", event_id, ctx)
+            self._walk(doc, self._root, cols, types, event_id, (event_id, et, rows))
         if len(cols) > MAX_COLUMNS:
             raise FlattenError("too_many_columns", f"main table: {len(cols)} columns > {MAX_COLUMNS}")
         rows[0] = FlatRow("", event_id, cols, types)
         return rows
 
     # ------------------------------------------------------------ internals
-    def _resolve(self, prefix: str, obj: dict) -> list[str]:
-        key = (prefix, tuple(obj))
-        names = self._names.get(key)
+    def _event_time(self, us: int) -> str:
+        if type(us) is not int:
+            raise FlattenError("bad_event_time", f"event time is a {type(us).__name__}, not int microseconds")
+        sec, frac = divmod(us, 1_000_000)
+        head = self._et_cache.get(sec)
+        if head is None:
+            try:
+                head = us_to_timestamp(sec * 1_000_000)[:19]
+            except (OverflowError, ValueError):
+                raise FlattenError("bad_event_time", "event time out of range") from None
+            if len(self._et_cache) > 4096:
+                self._et_cache.clear()
+            self._et_cache[sec] = head
+        return f"{head}.{frac:06d}Z"
+
+    def _names(self, site: _Site, keys: tuple) -> list[str]:
+        names = site.names.get(keys)
         if names is None:
-            names = [join_name(prefix, seg) for seg in resolve_keys(key[1])]
-            if len(self._names) >= _NAME_CACHE_MAX:
-                self._names.clear()
-            self._names[key] = names
+            names = [join_name(site.prefix, seg) for seg in resolve_keys(keys)]
+            if len(site.names) >= 1024:
+                site.names.clear()
+            site.names[keys] = names
         return names
 
-    def _walk(self, obj: dict, prefix: str, depth: int, cols: dict, types: dict,
-              table: str, row_id: str, ctx: tuple) -> None:
-        """Flatten ``obj`` (reached by ``depth`` keys) into ``cols``/``types`` under ``prefix``."""
-        names = self._names.get((prefix, tuple(obj)))
-        if names is None:
-            names = self._resolve(prefix, obj)
-        depth += 1
-        deep = depth >= self._max_depth
+    def _sub(self, site: _Site, name: str) -> _Site:
+        sub = site.subs.get(name)
+        if sub is None:
+            sub = site.subs[name] = _Site(site.table, name, site.depth + 1, self._max_depth)
+        return sub
+
+    def _array_site(self, site: _Site, child: str) -> _Site:
+        sub = site.arrays.get(child)
+        if sub is None:
+            sub = site.arrays[child] = _Site(child, "", site.depth + 1, self._max_depth)
+        return sub
+
+    def _walk(self, obj: dict, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
+        """Flatten ``obj`` (an object at ``site``) into ``cols``/``types``."""
+        if site.generic:
+            return self._walk_generic(obj, site, cols, types, row_id, ctx)
+        key = tuple(obj)
+        plan = site.plans.get(key)
+        if plan is None:
+            plan = self._plan(obj, site, key)
+            if plan is None:
+                return self._walk_generic(obj, site, cols, types, row_id, ctx)
+        plan(obj, cols, types, row_id, ctx)
+
+    def _plan(self, obj: dict, site: _Site, key: tuple) -> Any:
+        if not self.compile_enabled:
+            return None
+        n = site.seen.get(key, 0) + 1
+        if n < _COMPILE_AFTER:
+            if len(site.seen) >= 256:
+                site.seen.clear()
+            site.seen[key] = n
+            return None
+        if len(site.plans) >= _PLANS_PER_SITE or self._nplans >= _PLANS_TOTAL:
+            site.generic = True
+            site.seen.clear()
+            return None
+        site.seen.pop(key, None)
+        plan = compile_plan(self, site, self._names(site, key), tuple(type(v) for v in obj.values()))
+        site.plans[key] = plan
+        self._nplans += 1
+        return plan
+
+    def _walk_generic(self, obj: dict, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
+        names = self._names(site, tuple(obj))
+        deep = site.deep
         detect = self._detect
         percol = self._percol
         for name, v in zip(names, obj.values()):
             t = type(v)
             if percol and (t is str or t is int or t is float):
-                if self._percol_scalar(v, name, table, cols, types):
+                if self._percol_scalar(v, name, site.table, cols, types):
                     continue
             if t is str:
                 if detect and len(v) > 9 and v[4] == "-" and v[7] == "-":
@@ -176,7 +253,7 @@ class Flattener:
                     cols[name] = _json_col(v, name)
                     types[name] = "JSON"
                 else:
-                    self._walk(v, name, depth, cols, types, table, row_id, ctx)
+                    self._walk(v, self._sub(site, name), cols, types, row_id, ctx)
             elif t is float:
                 cols[name] = v
                 types[name] = "FLOAT64"
@@ -190,11 +267,46 @@ class Flattener:
                     cols[name] = _json_col(v, name)
                     types[name] = "JSON"
                 else:
-                    self._array(v, name, depth, cols, types, table, row_id, ctx)
+                    self._array(v, name, site, cols, types, row_id, ctx)
             elif v is None:
                 continue
             else:
-                raise FlattenError("unsupported_type", f"column {name!r}: unsupported value type {t.__name__}")
+                _unsupported(name, t)
+
+    def _value(self, v: Any, name: str, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
+        """One value, generically (used by compiled plans when a value's type differs from the plan's)."""
+        t = type(v)
+        if self._percol and (t is str or t is int or t is float):
+            if self._percol_scalar(v, name, site.table, cols, types):
+                return
+        if t is str:
+            if self._detect and len(v) > 9 and v[4] == "-" and v[7] == "-":
+                r = parse_timestamp(v)
+                if r is not None:
+                    cols[name], types[name] = r
+                    return
+            cols[name] = v
+            types[name] = "STRING"
+        elif t is int:
+            cols[name], types[name] = int_value(v)
+        elif t is float:
+            cols[name] = v
+            types[name] = "FLOAT64"
+        elif t is bool:
+            cols[name] = v
+            types[name] = "BOOL"
+        elif t is dict or t is list:
+            if not v:
+                return
+            if site.deep:
+                cols[name] = _json_col(v, name)
+                types[name] = "JSON"
+            elif t is dict:
+                self._walk(v, self._sub(site, name), cols, types, row_id, ctx)
+            else:
+                self._array(v, name, site, cols, types, row_id, ctx)
+        elif v is not None:
+            _unsupported(name, t)
 
     def _percol_scalar(self, v: Any, name: str, table: str, cols: dict, types: dict) -> bool:
         """Per-column timestamp overrides; True when the value was stored."""
@@ -217,15 +329,12 @@ class Flattener:
             return True
         return False
 
-    def _array(self, arr: list, name: str, depth: int, cols: dict, types: dict,
-               table: str, row_id: str, ctx: tuple) -> None:
-        kinds = set()
-        for el in arr:
-            t = type(el)
-            if t is int or t is float:
-                kinds.add(float)
-            elif el is not None:
-                kinds.add(t)
+    def _array(self, arr: list, name: str, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
+        kinds = set(map(type, arr))
+        kinds.discard(_NONE)
+        if int in kinds or float in kinds:
+            kinds.discard(int)
+            kinds.add(float)
         if not kinds:
             return  # only nulls: nothing to store, like an empty array
         if len(kinds) > 1 or list in kinds:
@@ -233,18 +342,18 @@ class Flattener:
             types[name] = "JSON"
             return
         kind = kinds.pop()
-        child = name if not table else join_name(table, name)
+        child = join_name(site.table, name) if site.table else name
         if kind is dict:
-            self._child_rows(arr, child, depth, row_id, ctx, None)
+            self._child_rows(arr, child, self._array_site(site, child), row_id, ctx, False)
         elif kind in (str, float, bool):
             if self._scalar_child:
-                self._child_rows(arr, child, depth, row_id, ctx, kind)
+                self._child_rows(arr, child, self._array_site(site, child), row_id, ctx, True)
             else:
                 vals, typ = self._scalar_list(arr, kind, child)
                 cols[name] = vals
                 types[name] = typ + "[]"
         else:
-            raise FlattenError("unsupported_type", f"column {name!r}: unsupported array element type {kind.__name__}")
+            _unsupported(name, kind)
 
     def _scalar_list(self, arr: list, kind: type, path: str) -> tuple[list, str]:
         """Non-null elements of a one-kind scalar array, converted, and their element type."""
@@ -255,37 +364,42 @@ class Flattener:
             if all(type(x) is int for x in vals):
                 if all(INT64_MIN <= x <= INT64_MAX for x in vals):
                     return vals, "INT64"
-                conv = [int_value(x) for x in vals]
-                if all(c[1] == "NUMERIC" or c[1] == "INT64" for c in conv):
+                if all(int_value(x)[1] != "STRING" for x in vals):
                     return [str(x) for x in vals], "NUMERIC"
                 return [str(x) for x in vals], "STRING"
             return [float(x) for x in vals], "FLOAT64"
-        # strings
         if path in self._ts_cols or (self._detect and path not in self._no_ts_cols):
-            conv2 = [parse_timestamp(x) for x in vals]
-            if conv2 and all(c is not None for c in conv2):
-                kinds = {c[1] for c in conv2}  # type: ignore[index]
+            conv = [parse_timestamp(x) for x in vals]
+            if all(c is not None for c in conv):
+                kinds = {c[1] for c in conv}  # type: ignore[index]
                 if len(kinds) == 1:
-                    return [c[0] for c in conv2], kinds.pop()  # type: ignore[index]
+                    return [c[0] for c in conv], kinds.pop()  # type: ignore[index]
         return vals, "STRING"
 
-    def _child_rows(self, arr: list, child: str, depth: int, parent_id: str, ctx: tuple, scalar: Any) -> None:
+    def _child_rows(self, arr: list, child: str, site: _Site, parent_id: str, ctx: tuple, scalar: bool) -> None:
         event_id, et, rows = ctx
+        walk = self._walk
         for i, el in enumerate(arr):
             if el is None:
                 continue
             rid = sha256(f"{event_id}\x1f{parent_id}\x1f{child}\x1f{i}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
             cols = {"_row_id": rid, "_parent_row_id": parent_id, "_event_id": event_id, "_index": i, "_event_time": et}
-            types = {"_row_id": "STRING", "_parent_row_id": "STRING", "_event_id": "STRING", "_index": "INT64",
-                     "_event_time": "TIMESTAMP"}
+            types = _CHILD_TYPES.copy()
             slot = len(rows)
-            rows.append(None)  # type: ignore[arg-type]  # keep parent before its own children
-            if scalar is None:
-                if el:
-                    self._walk(el, "", depth, cols, types, child, rid, ctx)
-            else:
-                self._walk({"value": el}, "", depth, cols, types, child, rid, ctx)
+            rows.append(None)  # type: ignore[arg-type]  # keep a parent before its own children
+            if scalar:
+                walk({"value": el}, site, cols, types, rid, ctx)
+            elif el:
+                walk(el, site, cols, types, rid, ctx)
             if len(cols) > MAX_COLUMNS:
                 raise FlattenError("too_many_columns", f"table {child!r}: {len(cols)} columns > {MAX_COLUMNS}")
             rows[slot] = FlatRow(child, rid, cols, types)
 
+
+_NONE = type(None)
+_CHILD_TYPES = {"_row_id": "STRING", "_parent_row_id": "STRING", "_event_id": "STRING", "_index": "INT64",
+                "_event_time": "TIMESTAMP"}
+
+
+def _unsupported(name: str, t: type) -> None:
+    raise FlattenError("unsupported_type", f"column {name!r}: unsupported value type {t.__name__}")

@@ -62,6 +62,15 @@ def parse_timestamp(s: str) -> Optional[tuple[str, str]]:
         return s, "DATE"
     if s[10] not in "Tt ":
         return None
+    if s[-1] == "Z" and n >= 20 and s[19] in ".Z" and s[13] == ":":
+        # Common case, already UTC: validate, then reformat by slicing (no datetime math).
+        try:
+            _fromiso(s)
+        except ValueError:
+            return None
+        frac = s[20:-1]
+        if len(frac) <= 6 and (not frac or frac.isdigit()):
+            return f"{s[:10]}T{s[11:19]}.{frac:0<6}Z", "TIMESTAMP"
     try:
         dt = _fromiso(s)
         off = dt.utcoffset()
