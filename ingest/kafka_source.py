@@ -1,0 +1,381 @@
+"""ReadFromKafkaPy: an unbounded Kafka source in pure Python (kafka-python), no Java to launch.
+
+    PBegin -> PCollection[RawMessage]   (source="kafka", coords "kafka:<topic>/<partition>@<offset>")
+
+Shape (every step labelled, see ``_LABELS``)::
+
+    Impulse -> ListPartitions -> DistributePartitions -> ReadPartitions (splittable DoFn)
+
+* ``ListPartitions`` runs once, on a worker: it resolves ``topics`` or
+  ``topic_pattern`` to partitions and each partition's start offset
+  (``start``: committed [falling back to earliest when the group has no
+  commit] | earliest | latest | timestamp:<RFC3339>). Topics created later
+  that match the pattern are picked up on the next launch.
+* ``ReadPartitions`` is a splittable DoFn whose element is one partition and
+  whose restriction is the offset range ``[start, inf)``; every partition is a
+  separate restriction, so all partitions are read in parallel. The tracker
+  refuses dynamic splits (only self-checkpoints): one reader per partition
+  keeps offset commits ordered.
+* Offsets are committed to the consumer group only in the bundle finalizer,
+  i.e. after the runner has durably committed the bundle's output (Prism,
+  Dataflow). A crash before that replays from the last commit: at-least-once,
+  made effectively-once downstream by ``DropDuplicateEvents`` and the
+  warehouse's idempotent row ids.
+* Element timestamps are the record timestamps (CreateTime or LogAppendTime).
+  The watermark per partition is the largest record timestamp seen; a
+  partition with nothing to read is idle and its watermark follows wall-clock
+  time minus ``IDLE_WATERMARK_LAG``, so one quiet partition does not hold back
+  the pipeline.
+* ``attributes`` is orjson of the record headers plus ``kafka.key``; bytes that
+  are not UTF-8 are carried as ``base64:<...>``.
+
+This transform never drops a record: decoding happens downstream in
+``ParseEnvelope``, so a malformed payload becomes a dead letter carrying its
+``coords`` there and the partition keeps moving.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import threading
+import time
+from datetime import datetime
+from functools import partial
+from typing import Any, Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+import orjson
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from flatten.records import RawMessage
+from ingest.contract import KafkaSource
+
+__all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Step labels: a contract for Dataflow ``--update``; change only with a name mapping.
+_LABELS = ("Impulse", "ListPartitions", "DistributePartitions", "ReadPartitions")
+
+END_OF_TIME_OFFSET = 2**63 - 1
+#: A partition with nothing to read lets its watermark follow wall-clock time minus this.
+IDLE_WATERMARK_LAG = Duration.of(5)
+#: How long one ReadPartitions call reads before checkpointing (bounds bundle latency).
+MAX_READ_SECONDS = 1.0
+MAX_RECORDS_PER_CALL = 5000
+#: Pause before polling an idle partition again.
+IDLE_RESUME_DELAY = Duration.of(0.5)
+#: How long ListPartitions waits for explicitly named topics to exist.
+TOPIC_WAIT_SECONDS = 60.0
+KEY_ATTRIBUTE = "kafka.key"
+
+
+class KafkaPartition(NamedTuple):
+    """One partition to read and the offset the read starts at (resolved once per launch)."""
+
+    topic: str
+    partition: int
+    start_offset: int
+
+
+def _text(value: Optional[bytes]) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64:" + base64.b64encode(value).decode("ascii")
+
+
+def kafka_attributes(key: Optional[bytes], headers: Any) -> bytes:
+    """orjson ``{header: value, 'kafka.key': key}`` (later headers of the same name win)."""
+    attrs: dict[str, str] = {}
+    for name, value in headers or ():
+        text = _text(value)
+        attrs[str(name)] = "" if text is None else text
+    key_text = _text(key)
+    if key_text is not None:
+        attrs[KEY_ATTRIBUTE] = key_text
+    return orjson.dumps(attrs, option=orjson.OPT_SORT_KEYS)
+
+
+def to_raw_message(partner: str, record: Any) -> RawMessage:
+    """A kafka-python ``ConsumerRecord`` -> RawMessage. Pure; no Beam involved."""
+    return RawMessage(
+        partner=partner,
+        source="kafka",
+        coords=f"kafka:{record.topic}/{record.partition}@{record.offset}",
+        payload=record.value if record.value is not None else b"",
+        attributes=kafka_attributes(record.key, record.headers),
+        source_time_us=max(int(record.timestamp), 0) * 1000,
+    )
+
+
+def _consumer(spec: KafkaSource, group: Optional[str], client_id: str):
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        bootstrap_servers=spec.bootstrap_servers.split(","),
+        group_id=group,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # an offset lost to retention restarts at the oldest record
+        fetch_max_wait_ms=200,
+        max_poll_records=500,
+        request_timeout_ms=30_000,
+    )
+
+
+def _start_timestamp_ms(start: str) -> int:
+    text = start.split(":", 1)[1].strip().replace("Z", "+00:00")
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+class _ListPartitionsFn(beam.DoFn):
+    """Impulse -> KafkaPartition for every partition of the configured topics, with its start offset."""
+
+    def __init__(self, spec: KafkaSource, partner: str):
+        self._spec = spec
+        self._partner = partner
+
+    def setup(self):
+        self._client = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-list")
+
+    def teardown(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+
+    def _topics(self) -> list[str]:
+        spec = self._spec
+        deadline = time.monotonic() + TOPIC_WAIT_SECONDS
+        while True:
+            existing = self._client.topics()
+            if spec.topic_pattern:
+                rx = re.compile(spec.topic_pattern)
+                found = sorted(t for t in existing if rx.fullmatch(t))
+                missing: list[str] = [] if found else [spec.topic_pattern]
+            else:
+                found = [t for t in spec.topics if t in existing]
+                missing = [t for t in spec.topics if t not in existing]
+            if not missing:
+                return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"partner {self._partner!r}: Kafka at {spec.bootstrap_servers} has no topic(s) {missing} "
+                    f"after {TOPIC_WAIT_SECONDS:.0f}s (create them, e.g. with 'headwater publish')")
+            time.sleep(1.0)
+
+    def process(self, _impulse) -> Iterator[KafkaPartition]:
+        from kafka import TopicPartition
+
+        spec = self._spec
+        tps = []
+        for topic in self._topics():
+            for p in sorted(self._client.partitions_for_topic(topic) or ()):
+                tps.append(TopicPartition(topic, p))
+        if not tps:
+            raise RuntimeError(f"partner {self._partner!r}: no Kafka partitions found for {spec.topics or spec.topic_pattern}")
+        begin = self._client.beginning_offsets(tps)
+        end = self._client.end_offsets(tps)
+        if spec.start == "earliest":
+            starts = dict(begin)
+        elif spec.start == "latest":
+            starts = dict(end)
+        elif spec.start.startswith("timestamp:"):
+            found = self._client.offsets_for_times({tp: _start_timestamp_ms(spec.start) for tp in tps})
+            starts = {tp: (found[tp].offset if found.get(tp) is not None else end[tp]) for tp in tps}
+        else:  # committed, falling back to earliest for a new group
+            starts = {}
+            for tp in tps:
+                committed = self._client.committed(tp)
+                starts[tp] = committed if committed is not None else begin[tp]
+        for tp in tps:
+            start = max(starts[tp], begin[tp])
+            _LOG.info("partner %s: reading kafka %s/%d from offset %d (%s)", self._partner, tp.topic, tp.partition,
+                      start, spec.start)
+            yield KafkaPartition(tp.topic, tp.partition, start)
+
+
+class _NoDynamicSplitTracker(OffsetRestrictionTracker):
+    """Offset tracker that only allows self-checkpoints (fraction 0).
+
+    A dynamic split would put two readers on one partition; the later one's
+    offset commits could then overtake records the earlier one has not yet
+    made durable, and a crash would lose them.
+    """
+
+    def try_split(self, fraction_of_remainder):
+        if fraction_of_remainder > 0:
+            return None
+        return super().try_split(fraction_of_remainder)
+
+
+class _PartitionRestrictions(RestrictionProvider):
+    def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
+        return OffsetRange(element.start_offset, END_OF_TIME_OFFSET)
+
+    def create_tracker(self, restriction: OffsetRange) -> _NoDynamicSplitTracker:
+        return _NoDynamicSplitTracker(restriction)
+
+    def split(self, element, restriction):
+        yield restriction
+
+    def restriction_size(self, element, restriction) -> float:
+        return 1.0  # backlog unknown without a broker round trip; all partitions weigh the same
+
+    def truncate(self, element, restriction):
+        return None  # drain: stop reading, offsets already committed stay committed
+
+
+class _PartitionWatermarks(WatermarkEstimatorProvider):
+    def initial_estimator_state(self, element, restriction):
+        return None
+
+    def create_watermark_estimator(self, estimator_state):
+        return ManualWatermarkEstimator(estimator_state)
+
+
+def _advance(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
+    current = estimator.current_watermark()
+    if current is None or ts > current:
+        estimator.set_watermark(ts)
+
+
+def _nothing_to_commit() -> None:
+    return None
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """KafkaPartition -> RawMessage, unbounded; see the module docstring for the guarantees.
+
+    Note on the signature: ``fin`` must come before the restriction and
+    watermark parameters, or Beam 2.77 binds the finalizer positionally onto
+    ``tracker`` ("got multiple values for argument 'tracker'").
+    """
+
+    def __init__(self, spec: KafkaSource, partner: str):
+        self._spec = spec
+        self._partner = partner
+        self._records = Metrics.counter("headwater", "kafka_records_read")
+        self._commits = Metrics.counter("headwater", "kafka_offset_commits")
+
+    def setup(self):
+        self._lock = threading.Lock()
+        self._readers: dict[tuple[str, int], Any] = {}
+        self._positions: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+        self._committer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
+        self._commit_lock = threading.Lock()
+
+    def teardown(self):
+        for c in list(getattr(self, "_readers", {}).values()) + [getattr(self, "_committer", None)]:
+            if c is not None:
+                c.close(autocommit=False)
+
+    def _reader(self, part: KafkaPartition):
+        from kafka import TopicPartition
+
+        key = (part.topic, part.partition)
+        with self._lock:
+            reader = self._readers.get(key)
+            if reader is None:
+                reader = _consumer(self._spec, None, f"headwater-{self._partner}-{part.topic}-{part.partition}")
+                reader.assign([TopicPartition(part.topic, part.partition)])
+                self._readers[key] = reader
+        return reader
+
+    def _commit(self, topic: str, partition: int, next_offset: int) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        key = (topic, partition)
+        with self._commit_lock:
+            if self._committed.get(key, -1) >= next_offset:
+                return
+            self._committer.commit({TopicPartition(topic, partition): OffsetAndMetadata(next_offset, "", -1)})
+            self._committed[key] = next_offset
+        self._commits.inc()
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, part: KafkaPartition, fin=beam.DoFn.BundleFinalizerParam,
+                tracker=beam.DoFn.RestrictionParam(_PartitionRestrictions()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(_PartitionWatermarks())):
+        from kafka import TopicPartition
+
+        tp = TopicPartition(part.topic, part.partition)
+        key = (part.topic, part.partition)
+        reader = self._reader(part)
+        position = tracker.current_restriction().start
+        if self._positions.get(key) != position:
+            reader.seek(tp, position)
+        self._positions[key] = position
+        deadline = time.monotonic() + MAX_READ_SECONDS
+        last: Optional[int] = None
+        count = 0
+        while count < MAX_RECORDS_PER_CALL and time.monotonic() < deadline:
+            batch = reader.poll(timeout_ms=200, max_records=500).get(tp, [])
+            if not batch:
+                break
+            for record in batch:
+                if not tracker.try_claim(record.offset):
+                    self._positions.pop(key, None)
+                    return
+                msg = to_raw_message(self._partner, record)
+                ts = Timestamp(micros=msg.source_time_us) if msg.source_time_us else watermark.current_watermark()
+                if ts is None:
+                    ts = Timestamp.now()
+                yield beam.window.TimestampedValue(msg, ts)
+                _advance(watermark, ts)
+                last = record.offset
+                count += 1
+            self._positions[key] = last + 1 if last is not None else position
+        if last is not None:
+            self._records.inc(count)
+            fin.register(partial(self._commit, part.topic, part.partition, last + 1))
+            tracker.defer_remainder(Duration.of(0))
+        else:
+            # Prism asks to finalize every bundle of a stage that may need it; a bundle
+            # that registered nothing makes the SDK log "not in a finalizable state".
+            fin.register(_nothing_to_commit)
+            _advance(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
+            tracker.defer_remainder(IDLE_RESUME_DELAY)
+
+
+class ReadFromKafkaPy(beam.PTransform):
+    """PBegin -> PCollection[RawMessage] from one partner's Kafka topics.
+
+    Runs on any runner that executes unbounded splittable DoFns with bundle
+    finalization (Prism locally, Dataflow Runner v2); not on the bundle-based
+    DirectRunner (apache/beam#26577). Malformed payloads pass through as
+    RawMessages and become dead letters in ``ParseEnvelope``.
+    """
+
+    def __init__(self, spec: KafkaSource, partner: str, label: Optional[str] = None):
+        super().__init__(label)
+        if not isinstance(spec, KafkaSource):
+            raise TypeError(f"partner {partner!r}: ReadFromKafkaPy needs a KafkaSource, got {type(spec).__name__}")
+        if not spec.bootstrap_servers.strip():
+            raise ValueError(f"partner {partner!r}: kafka bootstrap_servers is empty")
+        if spec.start.startswith("timestamp:"):
+            try:
+                _start_timestamp_ms(spec.start)
+            except ValueError as exc:
+                raise ValueError(f"partner {partner!r}: kafka start {spec.start!r}: {exc}") from None
+        self._spec = spec
+        self._partner = partner
+
+    def expand(self, pbegin):
+        impulse, list_partitions, distribute, read = _LABELS
+        return (
+            pbegin
+            | impulse >> beam.Impulse()
+            | list_partitions >> beam.ParDo(_ListPartitionsFn(self._spec, self._partner)).with_output_types(KafkaPartition)
+            | distribute >> beam.Reshuffle()
+            | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner)).with_output_types(RawMessage)
+        )

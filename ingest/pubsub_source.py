@@ -1,0 +1,300 @@
+"""ReadFromPartnerPubSub: one partner's Pub/Sub subscription as RawMessages.
+
+    PBegin -> PCollection[RawMessage]   (source="pubsub", coords "pubsub:<subscription>#<message id>")
+
+``attributes`` is orjson of the message attributes, ``source_time_us`` the
+publish time. Element timestamps follow Beam's ``timestamp_attribute``
+semantics: the attribute's value (epoch milliseconds or RFC 3339) when the
+contract names one, else the publish time.
+
+Two implementations, chosen by runner (``ingest.runner.uses_native_pubsub``):
+
+* ``NativeRead`` on Dataflow and the DirectRunner: Beam's own
+  ``ReadFromPubSub(with_attributes=True, timestamp_attribute, id_label)``;
+  Dataflow acks after its durable commit and dedups on ``id_label``.
+* ``PullRead`` everywhere else (Prism, the local streaming runner; Python's
+  ReadFromPubSub is a runner-native read that Prism rejects with
+  ``unsupported feature ... beam:transform:pubsub_read:v1``): a splittable DoFn
+  that pulls with google-cloud-pubsub (honours PUBSUB_EMULATOR_HOST) and acks
+  a batch only in the bundle finalizer, after the runner made the output
+  durable. Unacked messages (a crash) are redelivered after the subscription's
+  ack deadline. Redeliveries and ``id_attribute`` duplicates are removed
+  downstream by ``DropDuplicateEvents`` (keyed on the event id, which the
+  envelope may read from ``attribute:<id_attribute>``) and by the warehouse's
+  idempotent row ids.
+
+Nothing is dropped here: payloads are decoded in ``ParseEnvelope``, so a
+malformed message becomes a dead letter with these coords and is acked like
+any other, never redelivered forever. A ``timestamp_attribute`` that is
+missing or unparseable falls back to the publish time here (the envelope's
+event-time check decides whether that is a dead letter).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from functools import partial
+from typing import Any, Iterator, Mapping, Optional
+
+import apache_beam as beam
+import orjson
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from flatten.records import RawMessage
+from ingest.contract import PubSubSource
+
+__all__ = ["ReadFromPartnerPubSub", "pubsub_raw_message", "attribute_timestamp_us"]
+
+_LOG = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_PULL = 500
+PULL_TIMEOUT_SECONDS = 2.0
+MAX_READ_SECONDS = 1.0
+IDLE_RESUME_DELAY = Duration.of(0.5)
+#: With nothing to pull the watermark follows wall-clock time minus this.
+IDLE_WATERMARK_LAG = Duration.of(5)
+_END = 2**63 - 1
+
+
+def attribute_timestamp_us(value: Optional[str]) -> Optional[int]:
+    """Beam timestamp_attribute parsing: epoch milliseconds or RFC 3339 -> microseconds; None if unusable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.lstrip("-").isdigit():
+        return int(text) * 1000
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return int(parsed.timestamp() * 1_000_000)
+
+
+def _publish_us(publish_time: Any) -> int:
+    if publish_time is None:
+        return 0
+    if isinstance(publish_time, datetime):
+        return int(publish_time.timestamp() * 1_000_000)
+    seconds = getattr(publish_time, "seconds", 0)  # protobuf Timestamp
+    return int(seconds) * 1_000_000 + int(getattr(publish_time, "nanos", 0)) // 1000
+
+
+def pubsub_raw_message(partner: str, subscription: str, message_id: str, data: bytes,
+                       attributes: Mapping[str, str], publish_time: Any) -> RawMessage:
+    """Pure: one Pub/Sub message -> RawMessage."""
+    return RawMessage(
+        partner=partner,
+        source="pubsub",
+        coords=f"pubsub:{subscription}#{message_id}",
+        payload=bytes(data or b""),
+        attributes=orjson.dumps(dict(attributes or {}), option=orjson.OPT_SORT_KEYS),
+        source_time_us=_publish_us(publish_time),
+    )
+
+
+def _element_time_us(msg: RawMessage, attributes: Mapping[str, str], timestamp_attribute: Optional[str]) -> int:
+    if timestamp_attribute:
+        us = attribute_timestamp_us(attributes.get(timestamp_attribute))
+        if us is not None:
+            return us
+    return msg.source_time_us
+
+
+class _NativeToRaw(beam.DoFn):
+    def __init__(self, partner: str, subscription: str):
+        self._partner = partner
+        self._subscription = subscription
+
+    def process(self, m) -> Iterator[RawMessage]:
+        yield pubsub_raw_message(self._partner, self._subscription, m.message_id or "", m.data,
+                                 m.attributes or {}, m.publish_time)
+
+
+class _NativeRead(beam.PTransform):
+    """Beam's ReadFromPubSub (Dataflow, DirectRunner) + conversion; timestamps set by Beam."""
+
+    def __init__(self, spec: PubSubSource, partner: str, label: str = "NativeRead"):
+        super().__init__(label)
+        self._spec = spec
+        self._partner = partner
+
+    def expand(self, pbegin):
+        spec = self._spec
+        return (
+            pbegin
+            | "ReadFromPubSub" >> beam.io.ReadFromPubSub(
+                subscription=spec.subscription, with_attributes=True,
+                timestamp_attribute=spec.timestamp_attribute, id_label=spec.id_attribute)
+            | "ToRawMessage" >> beam.ParDo(_NativeToRaw(self._partner, spec.subscription)).with_output_types(RawMessage)
+        )
+
+
+class _CheckpointOnlyTracker(OffsetRestrictionTracker):
+    """Positions count pulls, not messages; only self-checkpoints, never dynamic splits."""
+
+    def try_split(self, fraction_of_remainder):
+        if fraction_of_remainder > 0:
+            return None
+        return super().try_split(fraction_of_remainder)
+
+
+class _PullRestrictions(RestrictionProvider):
+    def initial_restriction(self, element: str) -> OffsetRange:
+        return OffsetRange(0, _END)
+
+    def create_tracker(self, restriction: OffsetRange) -> _CheckpointOnlyTracker:
+        return _CheckpointOnlyTracker(restriction)
+
+    def split(self, element, restriction):
+        yield restriction
+
+    def restriction_size(self, element, restriction) -> float:
+        return 1.0
+
+    def truncate(self, element, restriction):
+        return None  # drain: stop pulling; unacked messages are redelivered to the next job
+
+
+class _PullWatermarks(WatermarkEstimatorProvider):
+    def initial_estimator_state(self, element, restriction):
+        return None
+
+    def create_watermark_estimator(self, estimator_state):
+        return ManualWatermarkEstimator(estimator_state)
+
+
+def _advance(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
+    current = estimator.current_watermark()
+    if current is None or ts > current:
+        estimator.set_watermark(ts)
+
+
+def _nothing_to_ack() -> None:
+    return None
+
+
+class _PullFn(beam.DoFn):
+    """subscription -> RawMessage, unbounded; acks in the bundle finalizer.
+
+    The watermark after a pull is the oldest element timestamp of that pull
+    (kept monotonic): Pub/Sub has no order, so this is the estimate Dataflow
+    also makes from the backlog; an empty pull means the backlog is drained and
+    the watermark follows wall-clock time minus ``IDLE_WATERMARK_LAG``.
+    """
+
+    def __init__(self, spec: PubSubSource, partner: str):
+        self._spec = spec
+        self._partner = partner
+        self._pulled = Metrics.counter("headwater", "pubsub_messages_pulled")
+        self._acked = Metrics.counter("headwater", "pubsub_messages_acked")
+
+    def setup(self):
+        from google.cloud import pubsub_v1
+
+        self._client = pubsub_v1.SubscriberClient()
+
+    def teardown(self):
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client.close()
+
+    def _ack(self, subscription: str, ack_ids: list[str]) -> None:
+        for i in range(0, len(ack_ids), 1000):
+            self._client.acknowledge(request={"subscription": subscription, "ack_ids": ack_ids[i:i + 1000]})
+        self._acked.inc(len(ack_ids))
+
+    def _pull(self, subscription: str) -> list:
+        from google.api_core import exceptions
+
+        try:
+            response = self._client.pull(
+                request={"subscription": subscription, "max_messages": MAX_MESSAGES_PER_PULL},
+                timeout=PULL_TIMEOUT_SECONDS)
+        except exceptions.DeadlineExceeded:
+            return []  # nothing arrived within the timeout: the subscription is idle
+        except exceptions.Cancelled:
+            return []  # the client was closed by teardown (job cancelled); nothing was received
+        return list(response.received_messages)
+
+    @beam.DoFn.unbounded_per_element()
+    def process(self, subscription: str, fin=beam.DoFn.BundleFinalizerParam,
+                tracker=beam.DoFn.RestrictionParam(_PullRestrictions()),
+                watermark=beam.DoFn.WatermarkEstimatorParam(_PullWatermarks())):
+        # ``fin`` precedes the restriction params: Beam 2.77 binds it positionally otherwise.
+        spec = self._spec
+        position = tracker.current_restriction().start
+        deadline = time.monotonic() + MAX_READ_SECONDS
+        ack_ids: list[str] = []
+        while time.monotonic() < deadline:
+            if not tracker.try_claim(position):
+                break
+            position += 1
+            received = self._pull(subscription)
+            if not received:
+                break
+            oldest: Optional[Timestamp] = None
+            for r in received:
+                m = r.message
+                attrs = dict(m.attributes)
+                msg = pubsub_raw_message(self._partner, subscription, m.message_id, m.data, attrs, m.publish_time)
+                ts = Timestamp(micros=_element_time_us(msg, attrs, spec.timestamp_attribute))
+                oldest = ts if oldest is None or ts < oldest else oldest
+                ack_ids.append(r.ack_id)
+                yield beam.window.TimestampedValue(msg, ts)
+            self._pulled.inc(len(received))
+            if oldest is not None:
+                _advance(watermark, oldest)
+        if ack_ids:
+            fin.register(partial(self._ack, subscription, ack_ids))
+            tracker.defer_remainder(Duration.of(0))
+        else:
+            fin.register(_nothing_to_ack)  # Prism finalizes every bundle of this stage
+            _advance(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
+            tracker.defer_remainder(IDLE_RESUME_DELAY)
+
+
+class _PullRead(beam.PTransform):
+    """Impulse -> subscription -> pulling splittable DoFn (Prism and other portable runners)."""
+
+    def __init__(self, spec: PubSubSource, partner: str, label: str = "PullRead"):
+        super().__init__(label)
+        self._spec = spec
+        self._partner = partner
+
+    def expand(self, pbegin):
+        subscription = self._spec.subscription
+        return (
+            pbegin
+            | "Impulse" >> beam.Impulse()
+            | "Subscription" >> beam.Map(_constant, subscription).with_output_types(str)
+            | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner)).with_output_types(RawMessage)
+        )
+
+
+def _constant(_impulse: bytes, value: str) -> str:
+    return value
+
+
+class ReadFromPartnerPubSub(beam.PTransform):
+    """PBegin -> PCollection[RawMessage] for one partner's subscription (see the module docstring)."""
+
+    def __init__(self, spec: PubSubSource, partner: str, label: Optional[str] = None):
+        super().__init__(label)
+        if not isinstance(spec, PubSubSource):
+            raise TypeError(f"partner {partner!r}: ReadFromPartnerPubSub needs a PubSubSource, got {type(spec).__name__}")
+        self._spec = spec
+        self._partner = partner
+
+    def expand(self, pbegin):
+        from ingest.runner import uses_native_pubsub
+
+        if uses_native_pubsub(pbegin.pipeline.options):
+            return pbegin | "NativeRead" >> _NativeRead(self._spec, self._partner)
+        return pbegin | "PullRead" >> _PullRead(self._spec, self._partner)
