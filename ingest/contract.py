@@ -55,8 +55,8 @@ class PubSubSource(_Frozen):
     """An unbounded Pub/Sub subscription."""
 
     kind: Literal["pubsub"]
-    subscription: str = Field(pattern=r"^projects/[a-z][a-z0-9-]{3,}[a-z0-9]/subscriptions/[A-Za-z][\w.~+%-]{2,254}$")
-    topic: Optional[str] = Field(None, pattern=r"^projects/[a-z][a-z0-9-]{3,}[a-z0-9]/topics/[A-Za-z][\w.~+%-]{2,254}$",
+    subscription: str = Field(pattern=r"^projects/[a-z][a-z0-9-]{3,}[a-z0-9]/subscriptions/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}$")
+    topic: Optional[str] = Field(None, pattern=r"^projects/[a-z][a-z0-9-]{3,}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9_.~+%-]{2,254}$",
                                  description="Topic the subscription reads (used by 'headwater publish' and to create the subscription locally).")
     timestamp_attribute: Optional[str] = Field(None, description="Attribute holding the event time (RFC 3339 or epoch ms), Beam's timestamp_attribute.")
     id_attribute: Optional[str] = Field(None, description="Attribute holding a unique event id, Beam's id_label.")

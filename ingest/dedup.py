@@ -9,6 +9,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import Event
+from ingest import progress
 
 __all__ = ["DropDuplicateEvents"]
 
@@ -33,6 +34,7 @@ class _DedupFn(beam.DoFn):
         _, event = kv
         if seen.read():
             self._dups.inc()
+            progress.count_duplicate()
             return
         seen.write(True)
         expiry.set(Timestamp.of(ts) + Duration.of(self._window_s))

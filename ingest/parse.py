@@ -12,6 +12,7 @@ from apache_beam.transforms.window import TimestampedValue
 from flatten.mask import Masker, load_mask_key
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 from ingest.contract import Contract
+from ingest import progress
 from ingest.envelope import EnvelopeParser, payload_ref
 
 __all__ = ["ParseEnvelope", "DEAD_LETTER_TAG"]
@@ -38,6 +39,7 @@ class _ParseFn(beam.DoFn):
 
     def process(self, msg: RawMessage):
         now_us = int(time.time() * 1_000_000)
+        progress.count_parsed()
         parser = self._parsers.get(msg.partner)
         if parser is None:
             self._dead.inc()

@@ -1,0 +1,146 @@
+"""The `headwater` command.
+
+    headwater demo                         the main job on embedded defaults (synthetic data -> ./headwater.duckdb)
+    headwater run --config FILE [beam options ...]
+    headwater validate --config FILE
+    headwater flatten FILE.jsonl [--config FILE --partner P] [--limit N]
+    headwater schema --config FILE --partner P [--table T]
+    headwater publish --config FILE --partner P [--rate N] [--count M]
+    headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main"]
+
+
+def _load(path: str):
+    from ingest.contract import load_contract
+
+    return load_contract(path)
+
+
+def _cmd_validate(args) -> int:
+    from ingest.preflight import preflight
+
+    contract = _load(args.config)
+    preflight(contract)
+    for p in contract.partners:
+        kinds = ", ".join(s.kind for s in p.sources)
+        print(f"partner {p.name}: sources [{kinds}], table {p.table.name} "
+              f"(partition {p.table.partition_column}/{p.table.partition_granularity}, cluster {list(p.table.clustering)}), "
+              f"{len(p.columns)} annotated columns, {len(p.aggregates)} aggregates")
+    print(f"contract {args.config}: OK ({len(contract.partners)} partners, "
+          f"{'streaming' if contract.streaming else 'batch'}, warehouse {contract.warehouse.kind})")
+    return 0
+
+
+def _cmd_run(args, beam_argv: list[str]) -> int:
+    from ingest import pipeline
+    from ingest.preflight import preflight
+
+    contract = _load(args.config)
+    preflight(contract)
+    print(f"headwater: running {len(contract.partners)} partners "
+          f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
+    pipeline.run(contract, beam_argv, wait=True)
+    return 0
+
+
+def _cmd_demo(args, beam_argv: list[str]) -> int:
+    from deploy.demo import run_demo
+
+    figures = run_demo(Path("."), events_per_partner=args.events, beam_argv=tuple(beam_argv))
+    return 0 if figures.get("reconciled") else 1
+
+
+def _cmd_flatten(args) -> int:
+    from deploy.preview import preview
+
+    return preview(args.file, config=args.config, partner=args.partner, limit=args.limit, out=sys.stdout)
+
+
+def _cmd_schema(args) -> int:
+    from deploy.preview import show_schema
+
+    return show_schema(_load(args.config), args.partner, args.table, out=sys.stdout)
+
+
+def _cmd_publish(args) -> int:
+    from deploy.publish import publish
+
+    contract = _load(args.config)
+    sent = publish(contract, args.partner, rate=args.rate, count=args.count, seed=args.seed)
+    print(f"published {sent} events for partner {args.partner}")
+    return 0
+
+
+def _cmd_manifest(args) -> int:
+    from deploy.manifest import check_or_write
+
+    return check_or_write(_load(args.config), write=args.write, path=args.manifest, out=sys.stdout)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("demo", help="run the main job on embedded defaults (synthetic events -> ./headwater.duckdb)")
+    s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
+    s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
+    s.add_argument("--config", required=True)
+    s = sub.add_parser("validate", help="validate a contract (fails naming the partner and field)")
+    s.add_argument("--config", required=True)
+    s = sub.add_parser("flatten", help="preview the rows a file's events become")
+    s.add_argument("file")
+    s.add_argument("--config")
+    s.add_argument("--partner")
+    s.add_argument("--limit", type=int, default=20, help="events to show (default 20; 0 = all)")
+    s = sub.add_parser("schema", help="show a partner's table schemas and their versions")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", required=True)
+    s.add_argument("--table")
+    s = sub.add_parser("publish", help="publish realistic events to a partner's Pub/Sub topic or Kafka topic")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", required=True)
+    s.add_argument("--rate", type=float, default=100.0, help="events per second")
+    s.add_argument("--count", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("manifest", help="compare the job's step manifest with the checked-in one (or --write it)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
+    s.add_argument("--write", action="store_true")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ingest.contract import ContractError
+
+    ap = _parser()
+    args, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rest and args.cmd not in ("run", "demo"):
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.cmd == "run":
+            return _cmd_run(args, rest)
+        if args.cmd == "demo":
+            return _cmd_demo(args, rest)
+        return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
+                "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
+    except ContractError as exc:
+        print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headwater: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
