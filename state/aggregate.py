@@ -218,7 +218,8 @@ def _rows(st: AggState, plan: Plan, which: tuple[tuple[str, Optional[int]], ...]
     rows = []
     for name, length in which:
         vals = window_value(st, plan, length, w)
-        sig = zlib.crc32(orjson.dumps(vals, option=orjson.OPT_SORT_KEYS))
+        # A row is news when its value or the watermark it reflects moved.
+        sig = zlib.crc32(orjson.dumps([vals, w], option=orjson.OPT_SORT_KEYS))
         if only_changed and st.sigs.get(name) == sig:
             continue
         st.sigs[name] = sig
@@ -268,10 +269,11 @@ def _next_close(st: AggState, plan: Plan) -> Optional[int]:
 
 
 def on_close(st: AggState, plan: Plan, t_us: int) -> tuple[AggState, list[EmitRow]]:
-    """Event-time timer at a window boundary: the watermark passed ``t_us``; emit every sliding window."""
+    """Event-time timer at a window boundary: the watermark passed ``t_us``; emit the sliding windows
+    whose value or as-of time moved (the on-time pane of the window ending at ``t_us``)."""
     st.closed_us = max(st.closed_us, t_us)
     _advance(st, plan, t_us)
-    rows = _rows(st, plan, tuple(w for w in plan.windows if w[1] is not None), only_changed=False, final=False)
+    rows = _rows(st, plan, tuple(w for w in plan.windows if w[1] is not None), only_changed=True, final=False)
     st.close_at = _next_close(st, plan)
     return st, rows
 
@@ -293,5 +295,12 @@ def expire(st: AggState, plan: Plan, t_us: int) -> tuple[Optional[AggState], lis
     """
     if st.ttl_at is not None and t_us < st.ttl_at:
         return st, []
+    # Runners may hand several due timers over in one batch (the DirectRunner does), so a
+    # close timer set by an earlier callback may not have fired yet: emit those closes first,
+    # in order, so the row sequence does not depend on how a runner batches timers.
+    rows: list[EmitRow] = []
+    while st.close_at is not None and st.close_at <= t_us:
+        st, more = on_close(st, plan, st.close_at)
+        rows += more
     _advance(st, plan, t_us)
-    return None, _rows(st, plan, plan.windows, only_changed=False, final=True)
+    return None, rows + _rows(st, plan, plan.windows, only_changed=False, final=True)
