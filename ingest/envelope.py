@@ -158,7 +158,7 @@ class EnvelopeParser:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             text = str(exc)
-            if "recursion" in text.lower():
+            if "recursion" in text.lower() or "depth limit" in text.lower():
                 return self._dead(msg, Reason.TOO_DEEP, f"payload nests deeper than the JSON parser allows ({text})",
                                   now_us, error_class="JSONDecodeError")
             return self._dead(msg, Reason.MALFORMED_JSON, f"malformed JSON: {text}", now_us, error_class="JSONDecodeError")
