@@ -60,7 +60,7 @@ __all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attribu
 _LOG = logging.getLogger(__name__)
 
 #: Step labels: a contract for Dataflow ``--update``; change only with a name mapping.
-_LABELS = ("Impulse", "ListPartitions", "DistributePartitions", "ReadPartitions")
+_LABELS = ("Impulse", "ListPartitions", "DistributePartitions", "AssignPartitions", "ReadPartitions")
 
 END_OF_TIME_OFFSET = 2**63 - 1
 #: A partition with nothing to read lets its watermark follow wall-clock time minus this.
@@ -202,6 +202,19 @@ class _ListPartitionsFn(beam.DoFn):
             yield KafkaPartition(tp.topic, tp.partition, start)
 
 
+class _AssignPartitionFn(beam.DoFn):
+    """Identity on KafkaPartition, fused into the stage that pairs partitions with restrictions.
+
+    Prism asks to finalize every bundle of that stage (it carries the reader's
+    finalization requirement); registering a no-op here keeps the SDK from
+    logging "Bundle is not in a finalizable state".
+    """
+
+    def process(self, part: KafkaPartition, fin=beam.DoFn.BundleFinalizerParam) -> Iterator[KafkaPartition]:
+        fin.register(_nothing_to_commit)
+        yield part
+
+
 class _NoDynamicSplitTracker(OffsetRestrictionTracker):
     """Offset tracker that only allows self-checkpoints (fraction 0).
 
@@ -272,11 +285,25 @@ class _ReadPartitionFn(beam.DoFn):
         self._committed: dict[tuple[str, int], int] = {}
         self._committer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
         self._commit_lock = threading.Lock()
+        self._busy: dict[tuple[str, int], threading.Lock] = {}
+        self._closing = False
 
     def teardown(self):
-        for c in list(getattr(self, "_readers", {}).values()) + [getattr(self, "_committer", None)]:
-            if c is not None:
-                c.close(autocommit=False)
+        # Cancellation tears the DoFn down while a read may still be polling on another
+        # thread: stop new polls, wait for the current one, then close.
+        self._closing = True
+        for key, reader in list(getattr(self, "_readers", {}).items()):
+            busy = self._busy.get(key)
+            got = busy.acquire(timeout=5.0) if busy is not None else False
+            try:
+                reader.close(autocommit=False)
+            finally:
+                if got:
+                    busy.release()
+        committer = getattr(self, "_committer", None)
+        if committer is not None:
+            with self._commit_lock:
+                committer.close(autocommit=False)
 
     def _reader(self, part: KafkaPartition):
         from kafka import TopicPartition
@@ -288,6 +315,7 @@ class _ReadPartitionFn(beam.DoFn):
                 reader = _consumer(self._spec, None, f"headwater-{self._partner}-{part.topic}-{part.partition}")
                 reader.assign([TopicPartition(part.topic, part.partition)])
                 self._readers[key] = reader
+                self._busy[key] = threading.Lock()
         return reader
 
     def _commit(self, topic: str, partition: int, next_offset: int) -> None:
@@ -318,8 +346,11 @@ class _ReadPartitionFn(beam.DoFn):
         deadline = time.monotonic() + MAX_READ_SECONDS
         last: Optional[int] = None
         count = 0
-        while count < MAX_RECORDS_PER_CALL and time.monotonic() < deadline:
-            batch = reader.poll(timeout_ms=200, max_records=500).get(tp, [])
+        while count < MAX_RECORDS_PER_CALL and time.monotonic() < deadline and not self._closing:
+            with self._busy[key]:
+                if self._closing:
+                    break
+                batch = reader.poll(timeout_ms=200, max_records=500).get(tp, [])
             if not batch:
                 break
             for record in batch:
@@ -371,11 +402,12 @@ class ReadFromKafkaPy(beam.PTransform):
         self._partner = partner
 
     def expand(self, pbegin):
-        impulse, list_partitions, distribute, read = _LABELS
+        impulse, list_partitions, distribute, assign, read = _LABELS
         return (
             pbegin
             | impulse >> beam.Impulse()
             | list_partitions >> beam.ParDo(_ListPartitionsFn(self._spec, self._partner)).with_output_types(KafkaPartition)
             | distribute >> beam.Reshuffle()
+            | assign >> beam.ParDo(_AssignPartitionFn()).with_output_types(KafkaPartition)
             | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner)).with_output_types(RawMessage)
         )

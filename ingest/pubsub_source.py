@@ -273,13 +273,22 @@ class _PullRead(beam.PTransform):
         return (
             pbegin
             | "Impulse" >> beam.Impulse()
-            | "Subscription" >> beam.Map(_constant, subscription).with_output_types(str)
+            | "Subscription" >> beam.ParDo(_EmitSubscription(subscription)).with_output_types(str)
             | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner)).with_output_types(RawMessage)
         )
 
 
-def _constant(_impulse: bytes, value: str) -> str:
-    return value
+class _EmitSubscription(beam.DoFn):
+    """Impulse -> the subscription name. Registers a no-op finalizer: Prism fuses this step with
+    the SDF's restriction pairing and asks to finalize the bundle, which the SDK otherwise logs
+    as an error ("Bundle is not in a finalizable state")."""
+
+    def __init__(self, subscription: str):
+        self._subscription = subscription
+
+    def process(self, _impulse, fin=beam.DoFn.BundleFinalizerParam) -> Iterator[str]:
+        fin.register(_nothing_to_ack)
+        yield self._subscription
 
 
 class ReadFromPartnerPubSub(beam.PTransform):
