@@ -1,0 +1,68 @@
+"""Fixtures for ingest tests: real local servers (see tests/conftest_services.py) and a Prism runner."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import apache_beam as beam
+import orjson
+import pytest
+
+from ingest.runner import runner_options
+from tests.conftest_services import live_services, unique_name  # noqa: F401  (fixture re-export)
+
+_WRITE_LOCK = threading.Lock()
+
+
+class AppendJsonl(beam.DoFn):
+    """Test sink: one JSON line per RawMessage with its element timestamp (LOOPBACK workers share the FS)."""
+
+    def __init__(self, path: str):
+        self._path = path
+
+    def process(self, m, ts=beam.DoFn.TimestampParam):
+        line = orjson.dumps({"coords": m.coords, "payload": m.payload.decode("utf-8", "replace"),
+                             "attributes": orjson.loads(m.attributes), "source_time_us": m.source_time_us,
+                             "source": m.source, "partner": m.partner, "ts_us": ts.micros})
+        with _WRITE_LOCK, open(self._path, "ab") as fh:
+            fh.write(line + b"\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def run_streaming(build: Callable[[beam.Pipeline], None], until: Callable[[], bool], timeout: float = 60.0,
+                  argv: Optional[list[str]] = None) -> tuple[bool, str]:
+    """Run a streaming pipeline on the local runner until ``until()`` or timeout; cancel it. -> (reached, final state)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.runner import PipelineState
+
+    p = beam.Pipeline(options=PipelineOptions(runner_options(True, list(argv or []))))
+    build(p)
+    result = p.run()
+    try:
+        reached = wait_for(until, timeout)
+    finally:
+        result.cancel()
+        # wait_until_finish() raises for CANCELLED on portable runners; poll the state instead.
+        wait_for(lambda: PipelineState.is_terminal(result.state), 30)
+    return reached, str(result.state)
+
+
+@pytest.fixture
+def prism_argv() -> list[str]:
+    return runner_options(True, [])
