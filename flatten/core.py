@@ -111,7 +111,7 @@ class _Site:
         self.seen: dict[tuple, int] = {}
         self.names: dict[tuple, list[str]] = {}
         self.subs: dict[str, _Site] = {}
-        self.arrays: dict[str, _Site] = {}
+        self.arrays: dict[str, tuple[str, _Site]] = {}
         self.generic = False
 
 
@@ -185,11 +185,11 @@ class Flattener:
             sub = site.subs[name] = _Site(site.table, name, site.depth + 1, self._max_depth)
         return sub
 
-    def _array_site(self, site: _Site, child: str) -> _Site:
-        sub = site.arrays.get(child)
-        if sub is None:
-            sub = site.arrays[child] = _Site(child, "", site.depth + 1, self._max_depth)
-        return sub
+    def _array_site(self, site: _Site, name: str) -> tuple[str, "_Site"]:
+        """(child table name, element site) for the array column ``name`` at ``site``."""
+        child = join_name(site.table, name) if site.table else name
+        ent = site.arrays[name] = (child, _Site(child, "", site.depth + 1, self._max_depth))
+        return ent
 
     def _walk(self, obj: dict, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
         """Flatten ``obj`` (an object at ``site``) into ``cols``/``types``."""
@@ -331,58 +331,80 @@ class Flattener:
 
     def _array(self, arr: list, name: str, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
         kinds = set(map(type, arr))
-        kinds.discard(_NONE)
-        if int in kinds or float in kinds:
-            kinds.discard(int)
-            kinds.add(float)
-        if not kinds:
+        if len(kinds) != 1:
+            kinds.discard(_NONE)
+            if int in kinds and float in kinds:
+                kinds.discard(int)
+            if not kinds:
+                return  # only nulls: nothing to store, like an empty array
+            if len(kinds) > 1:
+                cols[name] = _json_col(arr, name)
+                types[name] = "JSON"
+                return
+        kind = kinds.pop()
+        if kind is _NONE:
             return  # only nulls: nothing to store, like an empty array
-        if len(kinds) > 1 or list in kinds:
+        if kind is dict:
+            ent = site.arrays.get(name)
+            if ent is None:
+                ent = self._array_site(site, name)
+            self._child_rows(arr, ent[0], ent[1], row_id, ctx, False)
+        elif kind is str or kind is int or kind is float or kind is bool:
+            if self._scalar_child:
+                ent = site.arrays.get(name)
+                if ent is None:
+                    ent = self._array_site(site, name)
+                self._child_rows(arr, ent[0], ent[1], row_id, ctx, True)
+            else:
+                cols[name], types[name] = self._scalar_list(arr, kind, site, name)
+        elif kind is list:
             cols[name] = _json_col(arr, name)
             types[name] = "JSON"
-            return
-        kind = kinds.pop()
-        child = join_name(site.table, name) if site.table else name
-        if kind is dict:
-            self._child_rows(arr, child, self._array_site(site, child), row_id, ctx, False)
-        elif kind in (str, float, bool):
-            if self._scalar_child:
-                self._child_rows(arr, child, self._array_site(site, child), row_id, ctx, True)
-            else:
-                vals, typ = self._scalar_list(arr, kind, child)
-                cols[name] = vals
-                types[name] = typ + "[]"
         else:
             _unsupported(name, kind)
 
-    def _scalar_list(self, arr: list, kind: type, path: str) -> tuple[list, str]:
-        """Non-null elements of a one-kind scalar array, converted, and their element type."""
-        vals = [x for x in arr if x is not None]
+    def _scalar_list(self, arr: list, kind: type, site: _Site, name: str) -> tuple[list, str]:
+        """Non-null elements of a one-kind scalar array (ints and floats are one kind), converted, and their type."""
+        vals = [x for x in arr if x is not None] if None in arr else arr
+        if kind is str:
+            detect = self._detect
+            if self._percol:
+                path = join_name(site.table, name) if site.table else name
+                if path in self._ts_cols:
+                    detect = True
+                elif path in self._no_ts_cols:
+                    detect = False
+            if detect:
+                for x in vals:
+                    if not (len(x) > 9 and x[4] == "-" and x[7] == "-"):
+                        return list(vals), "STRING[]"
+                conv = [parse_timestamp(x) for x in vals]
+                if None not in conv:
+                    kinds = {c[1] for c in conv}  # type: ignore[index]
+                    if len(kinds) == 1:
+                        return [c[0] for c in conv], kinds.pop() + "[]"  # type: ignore[index]
+            return list(vals), "STRING[]"
         if kind is bool:
-            return vals, "BOOL"
-        if kind is float:
-            if all(type(x) is int for x in vals):
-                if all(INT64_MIN <= x <= INT64_MAX for x in vals):
-                    return vals, "INT64"
-                if all(int_value(x)[1] != "STRING" for x in vals):
-                    return [str(x) for x in vals], "NUMERIC"
-                return [str(x) for x in vals], "STRING"
-            return [float(x) for x in vals], "FLOAT64"
-        if path in self._ts_cols or (self._detect and path not in self._no_ts_cols):
-            conv = [parse_timestamp(x) for x in vals]
-            if all(c is not None for c in conv):
-                kinds = {c[1] for c in conv}  # type: ignore[index]
-                if len(kinds) == 1:
-                    return [c[0] for c in conv], kinds.pop()  # type: ignore[index]
-        return vals, "STRING"
+            return list(vals), "BOOL[]"
+        if kind is int or all(type(x) is int for x in vals):
+            if min(vals) >= INT64_MIN and max(vals) <= INT64_MAX:
+                return list(vals), "INT64[]"
+            if all(int_value(x)[1] != "STRING" for x in vals):
+                return [str(x) for x in vals], "NUMERIC[]"
+            return [str(x) for x in vals], "STRING[]"
+        return [float(x) for x in vals], "FLOAT64[]"
 
     def _child_rows(self, arr: list, child: str, site: _Site, parent_id: str, ctx: tuple, scalar: bool) -> None:
         event_id, et, rows = ctx
         walk = self._walk
+        plans = site.plans
+        h0 = sha256(f"{event_id}\x1f{parent_id}\x1f{child}\x1f".encode("utf-8", "surrogatepass"))
         for i, el in enumerate(arr):
             if el is None:
                 continue
-            rid = sha256(f"{event_id}\x1f{parent_id}\x1f{child}\x1f{i}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            h = h0.copy()
+            h.update(b"%d" % i)
+            rid = h.hexdigest()[:32]
             cols = {"_row_id": rid, "_parent_row_id": parent_id, "_event_id": event_id, "_index": i, "_event_time": et}
             types = _CHILD_TYPES.copy()
             slot = len(rows)
@@ -390,7 +412,11 @@ class Flattener:
             if scalar:
                 walk({"value": el}, site, cols, types, rid, ctx)
             elif el:
-                walk(el, site, cols, types, rid, ctx)
+                plan = plans.get(tuple(el))
+                if plan is not None:
+                    plan(el, cols, types, rid, ctx)
+                else:
+                    walk(el, site, cols, types, rid, ctx)
             if len(cols) > MAX_COLUMNS:
                 raise FlattenError("too_many_columns", f"table {child!r}: {len(cols)} columns > {MAX_COLUMNS}")
             rows[slot] = FlatRow(child, rid, cols, types)

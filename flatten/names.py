@@ -60,7 +60,7 @@ def _slow_normalize(key: str) -> str:
         elif unicodedata.combining(ch):
             continue
         elif ch.isalnum():
-            out.append(f"_u{ord(ch):x}_")
+            out.append(f"_u{ord(ch):04x}_")
         else:
             out.append("_")
     s = re.sub(r"_+", "_", "".join(out)).strip("_")

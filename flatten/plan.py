@@ -72,8 +72,14 @@ def compile_plan(fl: Any, site: Any, names: list[str], vtypes: tuple[type, ...])
         elif site.deep:
             lines.append(f"        if {v}: cols[{n}] = json_col({v}, {n}); types[{n}] = 'JSON'")
         elif t is dict:
-            ns[f"SUB{i}"] = fl._sub(site, name)
-            lines.append(f"        if {v}: walk({v}, SUB{i}, cols, types, row_id, ctx)")
+            sub = ns[f"SUB{i}"] = fl._sub(site, name)
+            ns[f"PLANS{i}"] = sub.plans  # never replaced, only grows: safe to bind
+            lines += [
+                f"        if {v}:",
+                f"            p = PLANS{i}.get(tuple({v}))",
+                f"            if p is None: walk({v}, SUB{i}, cols, types, row_id, ctx)",
+                f"            else: p({v}, cols, types, row_id, ctx)",
+            ]
         else:
             lines.append(f"        if {v}: arr({v}, {n}, SITE, cols, types, row_id, ctx)")
         lines.append(f"    elif {v} is not None: value({v}, {n}, SITE, cols, types, row_id, ctx)")
