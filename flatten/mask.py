@@ -116,7 +116,7 @@ def _parse_path(path: str) -> list[tuple[str, str]]:
 
 
 class _Node:
-    __slots__ = ("keys", "star", "items", "policy", "keep_last")
+    __slots__ = ("keys", "star", "items", "policy", "keep_last", "fn")
 
     def __init__(self) -> None:
         self.keys: dict[str, _Node] = {}
@@ -124,6 +124,7 @@ class _Node:
         self.items: Optional[_Node] = None
         self.policy: Optional[PiiPolicy] = None
         self.keep_last = 4
+        self.fn: Any = None  # compiled policy: value -> masked value (or _DROPPED)
 
 
 class Masker:
@@ -152,8 +153,10 @@ class Masker:
                     node = node.items
             if node.policy is None or _STRENGTH[a.pii] > _STRENGTH[node.policy]:
                 node.policy, node.keep_last = a.pii, a.keep_last
-        # (node ids, object keys) -> [(key, nodes)] for keys that match any node
+        self._compile_fns(self._root)
+        # (nodes, object keys) -> [(key, policy fn or None, nodes)] for keys that match any node
         self._match_cache: dict[tuple, list] = {}
+        self._el_nodes: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:  # never show key material
         return f"Masker(paths={self.masked_paths()!r})"
@@ -189,7 +192,11 @@ class Masker:
                     if n.star is not None:
                         hit.append(n.star)
                 if hit:
-                    m.append((k, tuple(hit)))
+                    pol = None
+                    for n in hit:
+                        if n.policy is not None and (pol is None or _STRENGTH[n.policy] > _STRENGTH[pol.policy]):
+                            pol = n
+                    m.append((k, pol.fn if pol is not None else None, tuple(hit)))
             if len(self._match_cache) > 50_000:
                 self._match_cache.clear()
             self._match_cache[ck] = m
@@ -197,9 +204,19 @@ class Masker:
 
     def _mask_dict(self, d: dict, nodes: tuple, depth: int) -> dict:
         out = None
-        for k, hit in self._matches(d, nodes):
+        m = self._match_cache.get((nodes, tuple(d)))
+        if m is None:
+            m = self._matches(d, nodes)
+        for k, fn, hit in m:
             v = d[k]
-            nv = self._apply(v, hit, depth)
+            if fn is not None:
+                nv = fn(v)
+            else:
+                t = type(v)
+                if t is dict or t is list:
+                    nv = self._apply(v, hit, depth)
+                else:
+                    continue
             if nv is not v:
                 if out is None:
                     out = dict(d)
@@ -215,7 +232,7 @@ class Masker:
             if n.policy is not None and (pol is None or _STRENGTH[n.policy] > _STRENGTH[pol.policy]):
                 pol = n
         if pol is not None:
-            return self._policy(v, pol.policy, pol.keep_last)
+            return pol.fn(v)
         t = type(v)
         if t is dict or t is list:
             if depth >= _MAX_MASK_DEPTH:
@@ -226,8 +243,10 @@ class Masker:
         return v
 
     def _mask_list(self, lst: list, nodes: tuple, depth: int) -> list:
-        el_nodes = tuple(n.items for n in nodes if n.items is not None) + tuple(
-            n for n in nodes if n.keys or n.star is not None)  # a key step meeting a list: every element
+        el_nodes = self._el_nodes.get(nodes)
+        if el_nodes is None:
+            el_nodes = self._el_nodes[nodes] = tuple(n.items for n in nodes if n.items is not None) + tuple(
+                n for n in nodes if n.keys or n.star is not None)  # a key step meeting a list: every element
         if not el_nodes:
             return lst
         out = None
@@ -241,6 +260,27 @@ class Masker:
         return lst if out is None else out
 
     # ------------------------------------------------------------- policies
+    def _compile_fns(self, node: "_Node") -> None:
+        if node.policy is not None:
+            node.fn = self._policy_fn(node.policy, node.keep_last)
+        for c in node.keys.values():
+            self._compile_fns(c)
+        for c in (node.star, node.items):
+            if c is not None:
+                self._compile_fns(c)
+
+    def _policy_fn(self, policy: PiiPolicy, keep_last: int) -> Any:
+        """A specialised ``value -> masked value`` function (same results as :meth:`_policy`)."""
+        if policy is PiiPolicy.DROP:
+            return lambda v: _DROPPED
+        if policy is PiiPolicy.HASH:
+            h = self._hash
+            return lambda v: None if v is None else h(_value_bytes(v)).hex()
+        if policy is PiiPolicy.TOKENIZE:
+            tk = self._tok
+            return lambda v: None if v is None else "tok_" + tk(_canonical_bytes(v)).hex()[:32]
+        return lambda v: None if v is None else _redact(v, keep_last)
+
     def _policy(self, v: Any, policy: PiiPolicy, keep_last: int) -> Any:
         if policy is PiiPolicy.DROP:
             return _DROPPED
