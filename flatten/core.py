@@ -217,7 +217,7 @@ class Flattener:
             site.seen.clear()
             return None
         site.seen.pop(key, None)
-        plan = compile_plan(self, site, self._names(site, key), tuple(type(v) for v in obj.values()))
+        plan = compile_plan(self, site, obj)
         site.plans[key] = plan
         self._nplans += 1
         return plan

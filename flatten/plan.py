@@ -22,70 +22,100 @@ from flatten.infer import INT64_MAX, INT64_MIN, int_value, parse_timestamp
 __all__ = ["compile_plan"]
 
 
-def compile_plan(fl: Any, site: Any, names: list[str], vtypes: tuple[type, ...]) -> Callable:
-    """``plan(obj, cols, types, row_id, ctx)`` for objects with these names/value types at ``site``."""
+#: Nested objects are inlined into their parent's plan (guarded by their key tuple)
+#: while the generated function stays below this many lines.
+_MAX_LINES = 400
+
+
+def compile_plan(fl: Any, site: Any, obj: dict) -> Callable:
+    """``plan(obj, cols, types, row_id, ctx)`` for objects with ``obj``'s keys at ``site``.
+
+    Value types and nested object shapes are speculated from ``obj``.
+    """
     from flatten.core import _json_col, _unsupported  # late: core imports this module
 
+    if not obj:
+        return _noop
     ns: dict[str, Any] = {
         "parse_ts": parse_timestamp, "int_value": int_value, "json_col": _json_col, "unsupported": _unsupported,
-        "walk": fl._walk, "arr": fl._array, "value": fl._value, "SITE": site, "TABLE": site.table,
+        "walk": fl._walk, "arr": fl._array, "value": fl._value,
     }
-    detect = fl._detect
     lines = ["def plan(obj, cols, types, row_id, ctx):"]
-    if not names:
-        return _noop
-    vs = ", ".join(f"v{i}" for i in range(len(names)))
-    lines.append(f"    {vs}, = obj.values()")
-    for i, (name, t) in enumerate(zip(names, vtypes)):
-        v, n = f"v{i}", repr(name)
-        full = f"{site.table}__{name}" if site.table else name
-        if t is type(None) or (fl._percol and (full in fl._ts_cols or full in fl._no_ts_cols)):
-            # rare or special: the generic single-value path
-            lines.append(f"    if {v} is not None: value({v}, {n}, SITE, cols, types, row_id, ctx)")
-            continue
-        tn = {str: "str", int: "int", float: "float", bool: "bool", dict: "dict", list: "list"}.get(t)
-        if tn is None:
-            lines.append(f"    value({v}, {n}, SITE, cols, types, row_id, ctx)")
-            continue
-        lines.append(f"    if type({v}) is {tn}:")
-        if t is str:
-            if detect:
-                lines += [
-                    f"        if len({v}) > 9 and {v}[4] == '-' and {v}[7] == '-' and (r := parse_ts({v})) is not None:",
-                    f"            cols[{n}], types[{n}] = r",
-                    "        else:",
-                    f"            cols[{n}] = {v}; types[{n}] = 'STRING'",
-                ]
-            else:
-                lines.append(f"        cols[{n}] = {v}; types[{n}] = 'STRING'")
-        elif t is int:
-            lines += [
-                f"        if {INT64_MIN} <= {v} <= {INT64_MAX}:",
-                f"            cols[{n}] = {v}; types[{n}] = 'INT64'",
-                "        else:",
-                f"            cols[{n}], types[{n}] = int_value({v})",
-            ]
-        elif t is float:
-            lines.append(f"        cols[{n}] = {v}; types[{n}] = 'FLOAT64'")
-        elif t is bool:
-            lines.append(f"        cols[{n}] = {v}; types[{n}] = 'BOOL'")
-        elif site.deep:
-            lines.append(f"        if {v}: cols[{n}] = json_col({v}, {n}); types[{n}] = 'JSON'")
-        elif t is dict:
-            sub = ns[f"SUB{i}"] = fl._sub(site, name)
-            ns[f"PLANS{i}"] = sub.plans  # never replaced, only grows: safe to bind
-            lines += [
-                f"        if {v}:",
-                f"            p = PLANS{i}.get(tuple({v}))",
-                f"            if p is None: walk({v}, SUB{i}, cols, types, row_id, ctx)",
-                f"            else: p({v}, cols, types, row_id, ctx)",
-            ]
-        else:
-            lines.append(f"        if {v}: arr({v}, {n}, SITE, cols, types, row_id, ctx)")
-        lines.append(f"    elif {v} is not None: value({v}, {n}, SITE, cols, types, row_id, ctx)")
+    _emit(fl, site, obj, "obj", "v", "    ", ns, lines)
     src = "\n".join(lines) + "\n"
     exec(compile(src, f"<flatten plan {site.table or 'main'}:{site.prefix or '.'}>", "exec"), ns)
     return ns["plan"]
+
+
+def _const(ns: dict, value: Any) -> str:
+    name = f"C{len(ns)}"
+    ns[name] = value
+    return name
+
+
+def _emit(fl: Any, site: Any, obj: dict, src: str, var: str, ind: str, ns: dict, lines: list) -> None:
+    """Emit code flattening the object in variable ``src`` (shaped like ``obj``) at ``site``."""
+    names = fl._names(site, tuple(obj))
+    S = _const(ns, site)
+    vs = [f"{var}{i}" for i in range(len(names))]
+    lines.append(f"{ind}{', '.join(vs)}, = {src}.values()")
+    detect = fl._detect
+    for i, (name, sample) in enumerate(zip(names, obj.values())):
+        t = type(sample)
+        v, n = vs[i], repr(name)
+        full = f"{site.table}__{name}" if site.table else name
+        generic = f"value({v}, {n}, {S}, cols, types, row_id, ctx)"
+        if t is type(None) or (fl._percol and (full in fl._ts_cols or full in fl._no_ts_cols)):
+            lines.append(f"{ind}if {v} is not None: {generic}")  # rare or special: the generic path
+            continue
+        tn = {str: "str", int: "int", float: "float", bool: "bool", dict: "dict", list: "list"}.get(t)
+        if tn is None:
+            lines.append(f"{ind}{generic}")
+            continue
+        lines.append(f"{ind}if type({v}) is {tn}:")
+        body = ind + "    "
+        if t is str:
+            if detect:
+                lines += [
+                    f"{body}if len({v}) > 9 and {v}[4] == '-' and {v}[7] == '-' and (r := parse_ts({v})) is not None:",
+                    f"{body}    cols[{n}], types[{n}] = r",
+                    f"{body}else:",
+                    f"{body}    cols[{n}] = {v}; types[{n}] = 'STRING'",
+                ]
+            else:
+                lines.append(f"{body}cols[{n}] = {v}; types[{n}] = 'STRING'")
+        elif t is int:
+            lines += [
+                f"{body}if {INT64_MIN} <= {v} <= {INT64_MAX}:",
+                f"{body}    cols[{n}] = {v}; types[{n}] = 'INT64'",
+                f"{body}else:",
+                f"{body}    cols[{n}], types[{n}] = int_value({v})",
+            ]
+        elif t is float:
+            lines.append(f"{body}cols[{n}] = {v}; types[{n}] = 'FLOAT64'")
+        elif t is bool:
+            lines.append(f"{body}cols[{n}] = {v}; types[{n}] = 'BOOL'")
+        elif site.deep:
+            lines.append(f"{body}if {v}: cols[{n}] = json_col({v}, {n}); types[{n}] = 'JSON'")
+        elif t is dict:
+            sub = fl._sub(site, name)
+            SUB, PL = _const(ns, sub), _const(ns, sub.plans)  # plans dict is never replaced: safe to bind
+            fallback = [
+                f"{body}    p = {PL}.get(tuple({v}))",
+                f"{body}    if p is None: walk({v}, {SUB}, cols, types, row_id, ctx)",
+                f"{body}    else: p({v}, cols, types, row_id, ctx)",
+            ]
+            if sample and len(lines) < _MAX_LINES:
+                K = _const(ns, tuple(sample))
+                lines.append(f"{body}if tuple({v}) == {K}:")
+                _emit(fl, sub, sample, v, f"{v}_", body + "    ", ns, lines)
+                lines.append(f"{body}elif {v}:")
+            else:
+                lines.append(f"{body}if {v}:")
+            lines += fallback
+        else:
+            lines.append(f"{body}if {v}: arr({v}, {n}, {S}, cols, types, row_id, ctx)")
+        lines.append(f"{ind}elif {v} is not None: {generic}")
 
 
 def _noop(obj: Any, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
