@@ -67,15 +67,24 @@ def generate(root: Path, events_per_partner: int = 10_000, seed: int = 7) -> dic
 
 
 def _progress(stop: threading.Event, out: TextIO, total: int) -> None:
+    """Live progress: a rewritten line on a terminal, a line every 10 s otherwise (CI logs)."""
     from ingest import progress
 
+    tty = out.isatty()
     t0 = time.monotonic()
-    while not stop.wait(1.0):
+    last = -1
+    while not stop.wait(1.0 if tty else 10.0):
         done = progress.parsed()
-        rate = done / max(time.monotonic() - t0, 1e-9)
-        out.write(f"\r  parsed {done:>8,}/{total:,} records  ({rate:,.0f}/s)")
+        if done == last and not tty:
+            continue
+        last = done
+        elapsed = time.monotonic() - t0
+        phase = "parsing" if done < total else "aggregating and writing"
+        line = f"  {phase}: {done:,}/{total:,} records parsed, {elapsed:,.0f}s"
+        out.write(f"\r{line:<78}" if tty else line + "\n")
         out.flush()
-    out.write("\n")
+    if tty:
+        out.write("\n")
 
 
 def summarize(contract: Contract, inputs: Optional[int] = None, out: TextIO = sys.stdout) -> dict:
@@ -113,7 +122,10 @@ def summarize(contract: Contract, inputs: Optional[int] = None, out: TextIO = sy
                 for key, metrics in rows:
                     out.write(f"  {p.name}.{a.name:<20} {key:<16} {metrics[:90]}\n")
         main_rows = sum(figures["tables"].get(p.table.name, 0) for p in contract.partners)
-        dead = con.execute(f'SELECT count(*) FROM "{wh.dead_letter_table}" WHERE source <> \'warehouse\'').fetchone()[0]
+        # event-level dead letters: everything before the warehouse except aggregate-only failures
+        # (an event whose metric value was unusable still has its rows)
+        dead = con.execute(f'SELECT count(*) FROM "{wh.dead_letter_table}" '
+                           "WHERE source NOT IN ('warehouse', 'aggregate')").fetchone()[0]
         main_tables = {p.table.name for p in contract.partners}
         sink_coords = con.execute(f'SELECT DISTINCT coords FROM "{wh.dead_letter_table}" '
                                   "WHERE source = 'warehouse'").fetchall()

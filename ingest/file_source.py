@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import lzma
+import zlib
 import time
 import uuid
 from typing import Any, Iterator
@@ -25,6 +27,8 @@ __all__ = ["ReadPartnerFiles", "DEAD_LETTER_TAG"]
 
 DEAD_LETTER_TAG = "dead_letter"
 _CHUNK = 1 << 20
+# What a corrupt or truncated file raises from gzip/zlib/lzma/bz2 or fastavro: terminal for that file.
+_READ_ERRORS = (OSError, EOFError, ValueError, StopIteration, KeyError, IndexError, zlib.error, lzma.LZMAError)
 
 
 def _avro_default(obj: Any) -> Any:
@@ -105,7 +109,7 @@ class _ReadFileFn(beam.DoFn):
                 yield from self._avro(rf, path, mtime_us)
             else:
                 yield from self._jsonl(rf, path, mtime_us)
-        except (OSError, EOFError, ValueError, StopIteration) as exc:
+        except _READ_ERRORS as exc:
             # Corrupt gzip/avro or a read failure after N good records: the good
             # ones are already out; the rest of the file is one dead letter.
             yield self._dead(where, Reason.BAD_FILE, type(exc).__name__, f"cannot read {path}: {exc}"[:1000])
@@ -145,8 +149,10 @@ class ReadPartnerFiles(beam.PTransform):
     rest of the pipeline runs in parallel regardless of file sizes.
     """
 
-    def __init__(self, spec: FileSource, partner: str, max_line_bytes: int, label: str):
+    def __init__(self, spec: FileSource, partner: str, max_line_bytes: int, step: str,
+                 label: str = "ReadPartnerFiles"):
         super().__init__(label)
+        self._step = step
         self._spec = spec
         self._partner = partner
         self._max = max_line_bytes
@@ -158,7 +164,7 @@ class ReadPartnerFiles(beam.PTransform):
                                           empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW_IF_WILDCARD)
             | "ReadMatches" >> fileio.ReadMatches()
             | "ReshuffleFiles" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadFileFn(self._partner, self._spec.format, self._max, self.label))
+            | "Read" >> beam.ParDo(_ReadFileFn(self._partner, self._spec.format, self._max, self._step))
             .with_outputs(DEAD_LETTER_TAG, main="messages")
         )
         messages = read.messages | "Reshuffle" >> beam.Reshuffle()

@@ -17,10 +17,12 @@ Shape (every step labelled, see ``_LABELS``)::
   refuses dynamic splits (only self-checkpoints): one reader per partition
   keeps offset commits ordered.
 * Offsets are committed to the consumer group only in the bundle finalizer,
-  i.e. after the runner has durably committed the bundle's output (Prism,
-  Dataflow). A crash before that replays from the last commit: at-least-once,
-  made effectively-once downstream by ``DropDuplicateEvents`` and the
-  warehouse's idempotent row ids.
+  i.e. after the runner has committed the bundle's output. On Dataflow that
+  commit is durable and the offsets are committed at once; Prism keeps
+  in-flight data in memory, so there the commit waits
+  ``ingest.runner.commit_delay_seconds`` more (see docs/streaming.md). A crash
+  replays from the last commit: at-least-once, made effectively-once
+  downstream by ``DropDuplicateEvents`` and the warehouse's idempotent row ids.
 * Element timestamps are the record timestamps (CreateTime or LogAppendTime).
   The watermark per partition is the largest record timestamp seen; a
   partition with nothing to read is idle and its watermark follows wall-clock
@@ -264,6 +266,13 @@ def _nothing_to_commit() -> None:
     return None
 
 
+def _later(delay_s: float, action) -> None:
+    """Run ``action`` after ``delay_s`` on a daemon timer (a killed job never runs it: replay, not loss)."""
+    timer = threading.Timer(delay_s, action)
+    timer.daemon = True
+    timer.start()
+
+
 class _ReadPartitionFn(beam.DoFn):
     """KafkaPartition -> RawMessage, unbounded; see the module docstring for the guarantees.
 
@@ -272,9 +281,10 @@ class _ReadPartitionFn(beam.DoFn):
     ``tracker`` ("got multiple values for argument 'tracker'").
     """
 
-    def __init__(self, spec: KafkaSource, partner: str):
+    def __init__(self, spec: KafkaSource, partner: str, commit_delay_s: float = 0.0):
         self._spec = spec
         self._partner = partner
+        self._commit_delay_s = commit_delay_s
         self._records = Metrics.counter("headwater", "kafka_records_read")
         self._commits = Metrics.counter("headwater", "kafka_offset_commits")
 
@@ -324,7 +334,7 @@ class _ReadPartitionFn(beam.DoFn):
 
         key = (topic, partition)
         with self._commit_lock:
-            if self._committed.get(key, -1) >= next_offset:
+            if self._closing or self._committed.get(key, -1) >= next_offset:
                 return
             self._committer.commit({TopicPartition(topic, partition): OffsetAndMetadata(next_offset, "", -1)})
             self._committed[key] = next_offset
@@ -368,7 +378,8 @@ class _ReadPartitionFn(beam.DoFn):
             self._positions[key] = last + 1 if last is not None else position
         if last is not None:
             self._records.inc(count)
-            fin.register(partial(self._commit, part.topic, part.partition, last + 1))
+            commit = partial(self._commit, part.topic, part.partition, last + 1)
+            fin.register(partial(_later, self._commit_delay_s, commit) if self._commit_delay_s else commit)
             tracker.defer_remainder(Duration.of(0))
         else:
             # Prism asks to finalize every bundle of a stage that may need it; a bundle
@@ -402,6 +413,9 @@ class ReadFromKafkaPy(beam.PTransform):
         self._partner = partner
 
     def expand(self, pbegin):
+        from ingest.runner import commit_delay_seconds
+
+        delay = commit_delay_seconds(pbegin.pipeline.options)
         impulse, list_partitions, distribute, assign, read = _LABELS
         return (
             pbegin
@@ -409,5 +423,5 @@ class ReadFromKafkaPy(beam.PTransform):
             | list_partitions >> beam.ParDo(_ListPartitionsFn(self._spec, self._partner)).with_output_types(KafkaPartition)
             | distribute >> beam.Reshuffle()
             | assign >> beam.ParDo(_AssignPartitionFn()).with_output_types(KafkaPartition)
-            | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner)).with_output_types(RawMessage)
+            | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner, delay)).with_output_types(RawMessage)
         )

@@ -36,6 +36,10 @@ class HeadwaterOutputs(NamedTuple):
     dead_letters: PCollection  # DeadLetter
 
 
+def _never(_element) -> bool:
+    return False
+
+
 class HeadwaterPipeline(beam.PTransform):
     """PBegin -> HeadwaterOutputs. The whole unified pipeline up to (not including) the warehouse.
 
@@ -77,10 +81,15 @@ class HeadwaterPipeline(beam.PTransform):
         events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents()
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
-        aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(specs)
-        dead += [parsed.dead_letter, flat.dead_letter, aggs.dead_letter]
+        dead += [parsed.dead_letter, flat.dead_letter]
+        if specs:
+            aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(specs)
+            aggregates = aggs.aggregates
+            dead.append(aggs.dead_letter)
+        else:  # no partner declares aggregates: no stateful step at all
+            aggregates = flat.aggregate_inputs | "NoAggregates" >> beam.Filter(_never)
         dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
-        return HeadwaterOutputs(rows=flat.rows, aggregates=aggs.aggregates, dead_letters=dead_letters)
+        return HeadwaterOutputs(rows=flat.rows, aggregates=aggregates, dead_letters=dead_letters)
 
 
 class WriteWarehouse(beam.PTransform):

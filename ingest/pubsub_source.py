@@ -17,8 +17,9 @@ Two implementations, chosen by runner (``ingest.runner.uses_native_pubsub``):
   ``unsupported feature ... beam:transform:pubsub_read:v1``): a splittable DoFn
   that pulls with google-cloud-pubsub (honours PUBSUB_EMULATOR_HOST) and acks
   a batch only in the bundle finalizer, after the runner made the output
-  durable. Unacked messages (a crash) are redelivered after the subscription's
-  ack deadline. Redeliveries and ``id_attribute`` duplicates are removed
+  durable (plus ``ingest.runner.commit_delay_seconds`` on Prism, whose
+  in-flight data is in memory only; the lease is extended meanwhile).
+  Unacked messages (a crash) are redelivered after the subscription's ack deadline. Redeliveries and ``id_attribute`` duplicates are removed
   downstream by ``DropDuplicateEvents`` (keyed on the event id, which the
   envelope may read from ``attribute:<id_attribute>``) and by the warehouse's
   idempotent row ids.
@@ -32,6 +33,7 @@ event-time check decides whether that is a dead letter).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime
 from functools import partial
@@ -180,6 +182,13 @@ def _nothing_to_ack() -> None:
     return None
 
 
+def _later(delay_s: float, action) -> None:
+    """Run ``action`` after ``delay_s`` on a daemon timer (a killed job never runs it: redelivery, not loss)."""
+    timer = threading.Timer(delay_s, action)
+    timer.daemon = True
+    timer.start()
+
+
 class _PullFn(beam.DoFn):
     """subscription -> RawMessage, unbounded; acks in the bundle finalizer.
 
@@ -189,9 +198,10 @@ class _PullFn(beam.DoFn):
     the watermark follows wall-clock time minus ``IDLE_WATERMARK_LAG``.
     """
 
-    def __init__(self, spec: PubSubSource, partner: str):
+    def __init__(self, spec: PubSubSource, partner: str, ack_delay_s: float = 0.0):
         self._spec = spec
         self._partner = partner
+        self._ack_delay_s = ack_delay_s
         self._pulled = Metrics.counter("headwater", "pubsub_messages_pulled")
         self._acked = Metrics.counter("headwater", "pubsub_messages_acked")
 
@@ -252,7 +262,15 @@ class _PullFn(beam.DoFn):
             if oldest is not None:
                 _advance(watermark, oldest)
         if ack_ids:
-            fin.register(partial(self._ack, subscription, ack_ids))
+            ack = partial(self._ack, subscription, ack_ids)
+            if self._ack_delay_s:
+                # keep the messages leased while the delayed ack waits (see commit_delay_seconds)
+                self._client.modify_ack_deadline(request={
+                    "subscription": subscription, "ack_ids": ack_ids,
+                    "ack_deadline_seconds": int(min(600, self._ack_delay_s + 30))})
+                fin.register(partial(_later, self._ack_delay_s, ack))
+            else:
+                fin.register(ack)
             tracker.defer_remainder(Duration.of(0))
         else:
             fin.register(_nothing_to_ack)  # Prism finalizes every bundle of this stage
@@ -269,12 +287,15 @@ class _PullRead(beam.PTransform):
         self._partner = partner
 
     def expand(self, pbegin):
+        from ingest.runner import commit_delay_seconds
+
         subscription = self._spec.subscription
+        delay = commit_delay_seconds(pbegin.pipeline.options)
         return (
             pbegin
             | "Impulse" >> beam.Impulse()
             | "Subscription" >> beam.ParDo(_EmitSubscription(subscription)).with_output_types(str)
-            | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner)).with_output_types(RawMessage)
+            | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner, delay)).with_output_types(RawMessage)
         )
 
 

@@ -25,12 +25,19 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["runner_options", "uses_native_pubsub", "find_prism", "PrismNotFound", "NATIVE_PUBSUB_RUNNERS"]
+__all__ = ["runner_options", "uses_native_pubsub", "commit_delay_seconds", "find_prism", "PrismNotFound",
+           "NATIVE_PUBSUB_RUNNERS", "LOCAL_COMMIT_DELAY_S"]
 
 #: Runners on which Beam's own ReadFromPubSub works (Dataflow: native; DirectRunner: _DirectReadFromPubSub).
 NATIVE_PUBSUB_RUNNERS = frozenset({
     "DataflowRunner", "TestDataflowRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner",
 })
+
+#: Runners whose bundle finalization follows a *durable* commit of the bundle's output.
+DURABLE_FINALIZATION_RUNNERS = frozenset({"DataflowRunner", "TestDataflowRunner"})
+#: Elsewhere (Prism keeps everything in memory) offset commits / acks wait this long after
+#: finalization, so a killed job replays what may not have reached the warehouse yet.
+LOCAL_COMMIT_DELAY_S = 15.0
 
 _ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = _ROOT / "deploy" / "local" / "install_prism.sh"
@@ -106,10 +113,32 @@ def uses_native_pubsub(options: Any) -> bool:
 
     ``options`` is a PipelineOptions. No ``--runner`` means Beam's default, the DirectRunner.
     """
+    name = _runner_name(options)
+    return name is None or name in NATIVE_PUBSUB_RUNNERS
+
+
+def _runner_name(options: Any) -> Optional[str]:
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = options.view_as(StandardOptions).runner if options is not None else None
     if runner is None:
-        return True
+        return None
     name = runner if isinstance(runner, str) else type(runner).__name__
-    return name.rsplit(".", 1)[-1] in NATIVE_PUBSUB_RUNNERS
+    return name.rsplit(".", 1)[-1]
+
+
+def commit_delay_seconds(options: Any, env: Optional[dict[str, str]] = None) -> float:
+    """How long a source waits after bundle finalization before committing offsets / acking.
+
+    0 on Dataflow, where finalization follows the durable commit of the bundle's
+    output. Prism keeps in-flight elements in memory only: a finalized source
+    bundle may still be between stages when the job is killed, so committing at
+    once would lose those records. There the commit waits ``LOCAL_COMMIT_DELAY_S``
+    (override: HEADWATER_COMMIT_DELAY_S), which must exceed the source-to-warehouse
+    latency; replays are absorbed by event-id dedup and idempotent row ids.
+    """
+    env = dict(os.environ) if env is None else env
+    if _runner_name(options) in DURABLE_FINALIZATION_RUNNERS:
+        return 0.0
+    override = env.get("HEADWATER_COMMIT_DELAY_S")
+    return float(override) if override else LOCAL_COMMIT_DELAY_S

@@ -38,7 +38,7 @@ class ReadSource(beam.PTransform):
             from ingest.file_source import ReadPartnerFiles
 
             return pbegin | "Files" >> ReadPartnerFiles(spec, self._partner.name,
-                                                          self._partner.envelope.max_payload_bytes, self.label)
+                                                          self._partner.envelope.max_payload_bytes, step=self.label)
         if isinstance(spec, KafkaSource):
             from ingest.kafka_source import ReadFromKafkaPy
 
