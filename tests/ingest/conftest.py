@@ -63,6 +63,13 @@ def run_streaming(build: Callable[[beam.Pipeline], None], until: Callable[[], bo
     return reached, str(result.state)
 
 
+@pytest.fixture(autouse=True)
+def _prompt_commits(monkeypatch, request):
+    """Source tests check commits/acks right away; the end-to-end tests keep a real delay (their own env)."""
+    if "e2e" not in request.node.nodeid:
+        monkeypatch.setenv("HEADWATER_COMMIT_DELAY_S", "0")
+
+
 @pytest.fixture
 def prism_argv() -> list[str]:
     return runner_options(True, [])
