@@ -29,6 +29,14 @@ _PARDO = "beam:transform:pardo:v1"
 def _coder(components, cid: str) -> str:
     c = components.coders[cid]
     urn = c.spec.urn.replace("beam:coder:", "").replace(":v1", "")
+    if c.spec.urn == "beam:coder:row:v1":
+        from apache_beam.portability.api import schema_pb2
+
+        schema = schema_pb2.Schema.FromString(c.spec.payload)
+        fields = ", ".join(f"{f.name}:{f.type.WhichOneof('type_info')}"
+                           f"{'/' + schema_pb2.AtomicType.Name(f.type.atomic_type) if f.type.HasField('atomic_type') else ''}"
+                           f"{'?' if f.type.nullable else ''}" for f in schema.fields)
+        return f"row{{{fields}}}"
     if c.component_coder_ids:
         return f"{urn}<{', '.join(_coder(components, x) for x in c.component_coder_ids)}>"
     return urn

@@ -8,7 +8,7 @@ This module is pure Python; it is the lowest layer and is imported by every
 other package (``flatten`` < ``state`` < ``sinks`` < ``ingest`` < ``backfill``
 < ``deploy``).
 """
-from __future__ import annotations
+
 
 from typing import NamedTuple, Optional
 

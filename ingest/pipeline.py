@@ -23,6 +23,7 @@ from ingest.dedup import DropDuplicateEvents
 from ingest.flatten_step import FlattenEvents
 from ingest.parse import ParseEnvelope
 from ingest.sources import ReadSource, source_labels
+import state.coders  # noqa: F401  (registers Row coders for the records)
 from state.transform import ComputeAggregates
 
 __all__ = ["HeadwaterPipeline", "HeadwaterOutputs", "WriteWarehouse", "build", "run", "pipeline_options"]
