@@ -9,6 +9,7 @@ Contenders, each over the same pre-serialised ~1 KB, 4-level reference events
 (distinct ids and values per event, arrays of objects and of scalars):
 
 * ``orjson_parse``: ``orjson.loads`` alone (the baseline for ratios).
+* ``headwater_parse_mask_only``: ``orjson.loads`` + ``Masker.mask_doc`` (breakdown).
 * ``headwater``: ``orjson.loads`` + envelope read (id, user id, ISO event time)
   + ``Masker.mask_doc`` (4 annotations: hash, tokenize, redact, drop) +
   ``Flattener.flatten`` (main row + child rows, types, timestamps, child ids).
@@ -120,6 +121,17 @@ def make_headwater() -> Callable[[list[bytes]], None]:
     return run
 
 
+def make_parse_mask() -> Callable[[list[bytes]], None]:
+    masker = Masker(ANNOTATIONS, DEV_KEY)
+    loads, mask = orjson.loads, masker.mask_doc
+
+    def run(payloads: list[bytes]) -> None:
+        for p in payloads:
+            mask(loads(p))
+
+    return run
+
+
 def make_pandas_batch() -> Callable[[list[bytes]], None]:
     import pandas as pd
 
@@ -183,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     contenders: list[tuple[str, Callable[[list[bytes]], None], list[bytes]]] = [
         ("orjson_parse", run_orjson, payloads),
+        ("headwater_parse_mask_only", make_parse_mask(), payloads),
         ("headwater", make_headwater(), payloads),
     ]
     if not args.skip_peers:

@@ -151,7 +151,7 @@ class Flattener:
             self._walk(doc, self._root, cols, types, event_id, (event_id, et, rows))
         if len(cols) > MAX_COLUMNS:
             raise FlattenError("too_many_columns", f"main table: {len(cols)} columns > {MAX_COLUMNS}")
-        rows[0] = FlatRow("", event_id, cols, types)
+        rows[0] = _new_row(FlatRow, ("", event_id, cols, types))
         return rows
 
     # ------------------------------------------------------------ internals
@@ -419,10 +419,11 @@ class Flattener:
                     walk(el, site, cols, types, rid, ctx)
             if len(cols) > MAX_COLUMNS:
                 raise FlattenError("too_many_columns", f"table {child!r}: {len(cols)} columns > {MAX_COLUMNS}")
-            rows[slot] = FlatRow(child, rid, cols, types)
+            rows[slot] = _new_row(FlatRow, (child, rid, cols, types))
 
 
 _NONE = type(None)
+_new_row = tuple.__new__  # FlatRow without the namedtuple __new__ wrapper (hot path)
 _CHILD_TYPES = {"_row_id": "STRING", "_parent_row_id": "STRING", "_event_id": "STRING", "_index": "INT64",
                 "_event_time": "TIMESTAMP"}
 
