@@ -48,8 +48,9 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
     preflight(contract)
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
-    pipeline.run(contract, beam_argv, wait=True)
-    return 0
+    state = pipeline.run_until_stopped(contract, beam_argv)
+    print(f"headwater: job finished in state {state}", file=sys.stderr)
+    return 0 if state in ("DONE", "CANCELLED", "PipelineState.DONE", "PipelineState.CANCELLED") else 1
 
 
 def _cmd_demo(args, beam_argv: list[str]) -> int:
@@ -137,6 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ContractError as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - known launch errors get one clean line, not a traceback
+        if type(exc).__name__ in ("PrismNotFound", "MaskKeyError"):
+            print(f"headwater: {exc}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("headwater: interrupted", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ the live stream did for the same events.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
@@ -26,7 +27,8 @@ from ingest.sources import ReadSource, source_labels
 import state.coders  # noqa: F401  (registers Row coders for the records)
 from state.transform import ComputeAggregates
 
-__all__ = ["HeadwaterPipeline", "HeadwaterOutputs", "WriteWarehouse", "build", "run", "pipeline_options"]
+__all__ = ["HeadwaterPipeline", "HeadwaterOutputs", "WriteWarehouse", "build", "run", "run_until_stopped",
+           "pipeline_options"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -169,3 +171,35 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     if wait:
         result.wait_until_finish()
     return result
+
+
+def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=None, poll_s: float = 0.5) -> str:
+    """Run the job; a bounded job runs to completion, a streaming one until SIGINT/SIGTERM (or ``stop`` is set),
+    then is cancelled cleanly. Returns the final state (DONE, CANCELLED, FAILED...)."""
+    import signal
+    import threading
+
+    from apache_beam.runners.runner import PipelineState
+
+    if not contract.streaming:
+        return str(run(contract, beam_argv, wait=True).state)
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        result = run(contract, beam_argv, wait=False)
+        _LOG.warning("headwater: streaming job running; Ctrl-C (SIGINT) or SIGTERM stops it cleanly")
+        while not stop.wait(poll_s):
+            if PipelineState.is_terminal(result.state):
+                return str(result.state)
+        result.cancel()
+        for _ in range(int(60 / poll_s)):
+            if PipelineState.is_terminal(result.state):
+                break
+            time.sleep(poll_s)
+        return str(result.state)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
