@@ -6,6 +6,7 @@
     headwater flatten FILE.jsonl [--config FILE --partner P] [--limit N]
     headwater schema --config FILE --partner P [--table T]
     headwater publish --config FILE --partner P [--rate N] [--count M]
+    headwater backfill --config FILE --partner P --source GLOB [--source GLOB ...] [beam options ...]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
 """
 from __future__ import annotations
@@ -81,6 +82,23 @@ def _cmd_publish(args) -> int:
     return 0
 
 
+def _cmd_backfill(args, beam_argv: list[str]) -> int:
+    from backfill.plan import BackfillPlan, backfill_contract
+    from ingest import pipeline
+    from ingest.preflight import preflight
+
+    contract = _load(args.config)
+    plan = BackfillPlan(partner=args.partner, patterns=tuple(args.source), format=args.format,
+                        warehouse_path=args.warehouse_path)
+    bf = backfill_contract(contract, plan)
+    preflight(bf)
+    print(f"headwater: backfill of {plan.partner} from {', '.join(plan.patterns)} into {bf.warehouse.kind}",
+          file=sys.stderr)
+    state = pipeline.run_until_stopped(bf, beam_argv)
+    print(f"headwater: backfill finished in state {state}", file=sys.stderr)
+    return 0 if state.endswith("DONE") else 1
+
+
 def _cmd_manifest(args) -> int:
     from deploy.manifest import check_or_write
 
@@ -95,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
     s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
     s.add_argument("--config", required=True)
+    s = sub.add_parser("backfill", help="bounded historical run of one partner from file globs (same transforms)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", required=True)
+    s.add_argument("--source", action="append", required=True, help="glob of chunks (local, gs://, s3://); repeatable")
+    s.add_argument("--format", default="auto", choices=["auto", "jsonl", "avro"])
+    s.add_argument("--warehouse-path", default=None, help="duckdb: write into this file instead")
     s = sub.add_parser("validate", help="validate a contract (fails naming the partner and field)")
     s.add_argument("--config", required=True)
     s = sub.add_parser("flatten", help="preview the rows a file's events become")
@@ -120,22 +144,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from pydantic import ValidationError
+
     from ingest.contract import ContractError
 
     ap = _parser()
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rest and args.cmd not in ("run", "demo"):
+    if rest and args.cmd not in ("run", "demo", "backfill"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "run":
             return _cmd_run(args, rest)
         if args.cmd == "demo":
             return _cmd_demo(args, rest)
+        if args.cmd == "backfill":
+            return _cmd_backfill(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
                 "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
-    except ContractError as exc:
+    except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - known launch errors get one clean line, not a traceback
