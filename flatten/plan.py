@@ -114,8 +114,41 @@ def _emit(fl: Any, site: Any, obj: dict, src: str, var: str, ind: str, ns: dict,
                 lines.append(f"{body}if {v}:")
             lines += fallback
         else:
-            lines.append(f"{body}if {v}: arr({v}, {n}, {S}, cols, types, row_id, ctx)")
+            _emit_list(fl, site, name, sample, v, n, S, body, ns, lines)
         lines.append(f"{ind}elif {v} is not None: {generic}")
+
+
+def _emit_list(fl: Any, site: Any, name: str, sample: list, v: str, n: str, S: str, ind: str, ns: dict,
+               lines: list) -> None:
+    """A list value: fast paths for the sample's kind (all objects / all strings), else ``arr``."""
+    slow = f"arr({v}, {n}, {S}, cols, types, row_id, ctx)"
+    kinds = set(map(type, sample))
+    if kinds == {dict}:
+        child, esite = site.arrays.get(name) or fl._array_site(site, name)
+        C, E = _const(ns, child), _const(ns, esite)
+        lines += [
+            f"{ind}if {v}:",
+            f"{ind}    if set(map(type, {v})) == DICTSET: children({v}, {C}, {E}, row_id, ctx, False)",
+            f"{ind}    else: {slow}",
+        ]
+        ns["DICTSET"], ns["children"] = {dict}, fl._child_rows
+    elif kinds == {str} and not fl._scalar_child and not fl._percol:
+        ns["STRSET"] = {str}
+        lines += [f"{ind}if {v}:", f"{ind}    if set(map(type, {v})) == STRSET:"]
+        if fl._detect:
+            lines += [
+                f"{ind}        for x in {v}:",
+                f"{ind}            if len(x) > 9 and x[4] == '-' and x[7] == '-':",
+                f"{ind}                {slow}",
+                f"{ind}                break",
+                f"{ind}        else:",
+                f"{ind}            cols[{n}] = {v}.copy(); types[{n}] = 'STRING[]'",
+            ]
+        else:
+            lines.append(f"{ind}        cols[{n}] = {v}.copy(); types[{n}] = 'STRING[]'")
+        lines.append(f"{ind}    else: {slow}")
+    else:
+        lines.append(f"{ind}if {v}: {slow}")
 
 
 def _noop(obj: Any, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
