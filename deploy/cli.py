@@ -17,7 +17,22 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "exit_after_streaming"]
+
+
+def exit_after_streaming(code: int) -> None:
+    """Exit without interpreter teardown once a streaming job has ended.
+
+    After a cancelled portable (Prism) job, Beam's gRPC worker threads are still
+    being torn down; normal interpreter shutdown then aborts in native code
+    ("terminate called without an active exception", SIGABRT) although the job
+    ended cleanly and every write was flushed. Output is flushed first.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _load(path: str):
@@ -51,7 +66,10 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
     state = pipeline.run_until_stopped(contract, beam_argv)
     print(f"headwater: job finished in state {state}", file=sys.stderr)
-    return 0 if state in ("DONE", "CANCELLED", "PipelineState.DONE", "PipelineState.CANCELLED") else 1
+    code = 0 if state in ("DONE", "CANCELLED") else 1
+    if contract.streaming:
+        exit_after_streaming(code)
+    return code
 
 
 def _cmd_demo(args, beam_argv: list[str]) -> int:

@@ -173,7 +173,8 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     return result
 
 
-def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=None, poll_s: float = 0.5) -> str:
+def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=None, poll_s: float = 0.5,
+                      on_running=None) -> str:
     """Run the job; a bounded job runs to completion, a streaming one until SIGINT/SIGTERM (or ``stop`` is set),
     then is cancelled cleanly. Returns the final state (DONE, CANCELLED, FAILED...)."""
     import signal
@@ -190,6 +191,8 @@ def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=No
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         result = run(contract, beam_argv, wait=False)
+        if on_running:
+            on_running()
         _LOG.warning("headwater: streaming job running; Ctrl-C (SIGINT) or SIGTERM stops it cleanly")
         while not stop.wait(poll_s):
             if PipelineState.is_terminal(result.state):
