@@ -13,7 +13,9 @@ a miss leaks PII: a path key matches a JSON key when they are equal *or* normali
 to the same column name (``SSN`` matches ``ssn``, ``e-mail`` matches ``e_mail``);
 a key step that meets a list applies to every element of the list, as if ``[]``
 were written. When several annotations hit the same value the strongest policy
-wins: drop > redact > hash > tokenize. ``null`` values stay ``null``.
+wins: drop > redact > hash > tokenize. ``null`` values stay ``null``. A
+container nested more than 200 levels below an annotated path is dropped rather
+than inspected (bounded recursion; never passed through unmasked).
 
 Policies (all keyed from one secret; sub-keys are derived with HMAC so the hash,
 token and encryption keys are independent):
@@ -263,9 +265,8 @@ class Masker:
     def _compile_fns(self, node: "_Node") -> None:
         if node.policy is not None:
             node.fn = self._policy_fn(node.policy, node.keep_last)
-        for c in node.keys.values():
-            self._compile_fns(c)
-        for c in (node.star, node.items):
+        children = [*node.keys.values(), node.star, node.items]
+        for c in children:
             if c is not None:
                 self._compile_fns(c)
 
