@@ -1,6 +1,7 @@
 """`headwater flatten` and `headwater schema`: look at rows and schemas without running a pipeline."""
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Optional, TextIO
 
@@ -35,7 +36,7 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
         masker = Masker(p.columns, load_mask_key(m.key_env, m.key_file, m.allow_dev_key))
         envelope, options, name, table = p.envelope, p.flatten, p.name, p.table.name
     else:
-        masker = Masker((), b"")
+        masker = Masker((), secrets.token_bytes(32))  # no annotations: the key is never used
         envelope, options, name, table = EnvelopeSpec(), FlattenOptions(), "preview", "events"
     parser = EnvelopeParser(envelope, masker, step="Preview")
     flattener = Flattener(options)

@@ -54,7 +54,8 @@ class _FlattenFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
                 partner=event.partner, source=event.source, coords=event.coords, payload=event.doc,
                 payload_ref=payload_ref(event.doc), error_class=type(exc).__name__,
-                reason=getattr(exc, "reason", Reason.FLATTEN_ERROR), message=str(exc)[:1000], step=self._step,
+                reason=Reason.FLATTEN_ERROR,
+                message=(f"{exc.reason}: " if isinstance(exc, FlattenError) else "") + str(exc)[:1000], step=self._step,
                 event_time_us=event.event_time_us, processing_time_us=int(time.time() * 1_000_000)))
             return
         for r in rows:

@@ -80,4 +80,4 @@ def test_demo_end_to_end_in_a_clean_directory(tmp_path):
     finally:
         con.close()
     r2 = hw("schema", "--config", str(EXAMPLE), "--partner", "acme_bank", cwd=tmp_path)
-    assert r2.returncode == 0 and "added: transaction__loyalty_points" in r2.stdout, r2.stdout + r2.stderr
+    assert r2.returncode == 0 and "transaction__loyalty_points" in r2.stdout, r2.stdout + r2.stderr
