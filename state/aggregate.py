@@ -185,7 +185,8 @@ def step(state: Optional[AggState], ev: Event, plan: Plan) -> tuple[AggState, li
             rejections.append(Rejection("type_conflict", f"metric {plan.names[i]!r} column {col!r}: {e}"))
     st.max_event_us = max(st.max_event_us, t)
     st.dirty = True
-    st.ttl_at = st.max_event_us + plan.ttl_us
+    # Timers have millisecond precision on portable runners: keep every timer time on a whole ms.
+    st.ttl_at = _ceil(st.max_event_us + plan.ttl_us, 1000)
     st.probe_k = 0
     nxt = (max(t, st.known_wm_us) // plan.probe_us + 1) * plan.probe_us
     st.probe_at = nxt if st.probe_at is None else min(st.probe_at, nxt)

@@ -180,8 +180,10 @@ class _AggregateCore(beam.DoFn):
             before[2] = None
             st = A.on_probe(st, plan, ts.micros)
         else:
-            before[1] = None
             st, rows = A.expire(st, plan, ts.micros)
+            # A stale firing (the deadline moved since; the FnApiRunner can deliver an overwritten
+            # timer) leaves the newer TTL timer in place: do not set it again, or it loops.
+            before[1] = None if st is None else st.ttl_at
         if st is None:
             # TTL: every cell and timer of the key is cleared (the state-hygiene path).
             cell.clear()

@@ -53,3 +53,31 @@ def latest(rows) -> dict:
         if (k, w) not in best or v > best[(k, w)][0]:
             best[(k, w)] = (v, m, wm, f)
     return {kw: (m, wm, f) for kw, (v, m, wm, f) in best.items()}
+
+
+def _stamp(x: AggregateInput) -> beam.window.TimestampedValue:
+    return beam.window.TimestampedValue(x, x.event_time_us / S)
+
+
+def bounded(p: beam.Pipeline, inputs: list) -> beam.PCollection:
+    """A bounded PCollection[AggregateInput] with event-time timestamps (what a backfill reads)."""
+    return (p | "Backfill" >> beam.Create([tv.value for tv in inputs])
+            | "StampEventTime" >> beam.Map(_stamp).with_output_types(AggregateInput))
+
+
+SINK: dict[str, list] = {}
+
+
+class Collect(beam.DoFn):
+    """Appends elements to SINK[name] (in-process runners only).
+
+    Used instead of assert_that for rows emitted when the watermark jumps to +inf at the end of a
+    bounded input: the local runners deliver those after assert_that's GroupByKey closed the global
+    window, so assert_that never sees them (see docs/state.md, "End of input").
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def process(self, element):
+        SINK.setdefault(self.name, []).append(element)
