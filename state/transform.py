@@ -274,11 +274,15 @@ class ComputeAggregates(beam.PTransform):
     ``specs`` maps ``(partner, aggregate name)`` to its :class:`AggregateSpec`.
     ``clock`` (seconds since the epoch) only sets processing-time timers and
     ``emitted_us``/``processing_time_us``; it never influences values or versions.
+    ``streaming``: None picks the variant from the input (unbounded: processing-time
+    cadence + watermark probe; bounded: neither); True/False forces it.
     """
 
     def __init__(self, specs: Mapping[tuple[str, str], AggregateSpec],
-                 clock: Callable[[], float] = time.time, label: Optional[str] = None):
+                 clock: Callable[[], float] = time.time, label: Optional[str] = None,
+                 streaming: Optional[bool] = None):
         super().__init__(label)
+        self._streaming = streaming
         if not specs:
             raise ValueError("ComputeAggregates needs at least one (partner, aggregate) spec")
         for (partner, name), spec in specs.items():
@@ -292,7 +296,8 @@ class ComputeAggregates(beam.PTransform):
     def expand(self, pcoll: beam.PCollection) -> AggregateOutputs:
         keyed = pcoll | KEY_LABEL >> beam.Map(_key_of).with_input_types(AggregateInput).with_output_types(
             Tuple[AggKey, AggregateInput])
-        fn_cls = _BoundedAggregateFn if pcoll.is_bounded else _StreamingAggregateFn
+        streaming = (not pcoll.is_bounded) if self._streaming is None else self._streaming
+        fn_cls = _StreamingAggregateFn if streaming else _BoundedAggregateFn
         outs = keyed | AGG_LABEL >> beam.ParDo(
             fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock)
         ).with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG)
