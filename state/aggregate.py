@@ -131,7 +131,7 @@ class AggState:
     emit_pending: bool = False  # a processing-time emission timer is set
 
     def to_bytes(self) -> bytes:
-        d = dataclasses.asdict(self)
+        d = {f: getattr(self, f) for f in _FIELDS}  # shallow: dataclasses.asdict deep-copies (slow)
         d["buckets"] = [[b, accs] for b, accs in self.buckets.items()]
         return orjson.dumps(d)
 
@@ -140,6 +140,9 @@ class AggState:
         d = orjson.loads(data)
         d["buckets"] = {b: accs for b, accs in d["buckets"]}
         return cls(**d)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(AggState))
 
 
 def _new(plan: Plan) -> AggState:
