@@ -28,10 +28,12 @@ SPEC = AggregateSpec(
 def test_thousand_users_streaming_equals_reference():
     rnd = random.Random(11)
     events = []
-    for i in range(4000):
-        events.append((f"user-{rnd.randrange(1000):04d}", 1_700_000_000_000_000 + rnd.randrange(0, 90 * MIN), i,
-                       {"amount": rnd.randrange(-50, 500), "sku": f"s{rnd.randrange(30)}",
-                        "plan": rnd.choice(["free", "pro", "team"])}))
+    for u in range(1000):
+        for _ in range(rnd.randint(1, 6)):
+            events.append((f"user-{u:04d}", 1_700_000_000_000_000 + rnd.randrange(0, 90 * MIN), len(events),
+                           {"amount": rnd.randrange(-50, 500), "sku": f"s{rnd.randrange(30)}",
+                            "plan": rnd.choice(["free", "pro", "team"])}))
+    rnd.shuffle(events)
     SINK.clear()
     with beam.Pipeline(options=PipelineOptions(streaming=True, runner="DirectRunner")) as p:
         out = bounded(p, [inp(k, t, i, **v) for k, t, i, v in events]) | "Aggregate" >> ComputeAggregates(
