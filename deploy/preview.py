@@ -17,14 +17,17 @@ from ingest.envelope import EnvelopeParser
 __all__ = ["preview", "show_schema"]
 
 
-def _lines(path: str):
-    """Raw lines of any file (gzip by extension), never decoded here: hostile bytes stay data."""
+def _lines(path: str, max_bytes: int):
+    """Raw lines of any file (gzip by extension), never decoded here: hostile bytes stay data.
+    Lines longer than ``max_bytes`` come back as None (never held whole)."""
     import gzip
+
+    from ingest.lines import split_lines
 
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
-        for n, line in enumerate(fh, start=1):
-            yield n, line.rstrip(b"\r\n")
+        for n, line, size in split_lines(fh, max_bytes):
+            yield n, line, size
 
 
 def preview(path: str, config: Optional[str], partner: Optional[str], limit: int, out: TextIO) -> int:
@@ -41,7 +44,11 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
     parser = EnvelopeParser(envelope, masker, step="Preview")
     flattener = Flattener(options)
     shown = bad = good = 0
-    for n, line in _lines(path):
+    for n, line, size in _lines(path, envelope.max_payload_bytes):
+        if line is None:
+            bad += 1
+            out.write(f"line {n}: DEAD LETTER too_large: line is {size} bytes, limit {envelope.max_payload_bytes}\n")
+            continue
         if not line.strip():
             continue
         msg = RawMessage(name, "file", f"file:{path}:{n}", line, b"{}", 0)

@@ -22,11 +22,11 @@ from apache_beam.metrics import Metrics
 
 from flatten.records import DeadLetter, RawMessage, Reason
 from ingest.contract import FileSource
+from ingest.lines import split_lines
 
 __all__ = ["ReadPartnerFiles", "DEAD_LETTER_TAG"]
 
 DEAD_LETTER_TAG = "dead_letter"
-_CHUNK = 1 << 20
 # What a corrupt or truncated file raises from gzip/zlib/lzma/bz2 or fastavro: terminal for that file.
 _READ_ERRORS = (OSError, EOFError, ValueError, StopIteration, KeyError, IndexError, zlib.error, lzma.LZMAError)
 
@@ -41,42 +41,6 @@ def _avro_default(obj: Any) -> Any:
     if isinstance(obj, (_dt.date, _dt.time)):
         return obj.isoformat()
     raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-def _split_lines(fh, max_bytes: int):
-    """Yield (lineno, line without EOL, size); line is None when longer than max_bytes (never held whole)."""
-    buf = b""
-    lineno = 0
-    skipping = 0  # >0 while discarding an over-long line: bytes seen so far
-    while True:
-        chunk = fh.read(_CHUNK)
-        if not chunk:
-            break
-        buf += chunk
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            lineno += 1
-            if skipping:
-                yield lineno, None, skipping + nl - start
-                skipping = 0
-            elif nl - start > max_bytes:
-                yield lineno, None, nl - start
-            else:
-                yield lineno, buf[start:nl].rstrip(b"\r"), nl - start
-            start = nl + 1
-        buf = buf[start:]
-        if len(buf) > max_bytes:
-            skipping += len(buf)
-            buf = b""
-    if skipping or buf:
-        lineno += 1
-        if skipping or len(buf) > max_bytes:
-            yield lineno, None, skipping + len(buf)
-        else:
-            yield lineno, buf.rstrip(b"\r"), len(buf)
 
 
 def _is_avro(path: str, fmt: str) -> bool:
@@ -116,7 +80,7 @@ class _ReadFileFn(beam.DoFn):
 
     def _jsonl(self, rf, path: str, mtime_us: int):
         with rf.open(compression_type=CompressionTypes.AUTO) as fh:
-            for lineno, line, size in _split_lines(fh, self._max):
+            for lineno, line, size in split_lines(fh, self._max):
                 if line is None:
                     yield self._dead(f"file:{path}:{lineno}", Reason.TOO_LARGE, "LineTooLarge",
                                      f"line is {size} bytes, limit max_payload_bytes={self._max}")
