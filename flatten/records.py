@@ -41,6 +41,18 @@ class RawMessage(NamedTuple):
     attributes: bytes
     source_time_us: int
 
+    def __repr__(self) -> str:
+        # The payload is raw, unmasked partner data: runners log elements (Beam's worker logs them
+        # at DEBUG), so the representation carries only its size and digest, never its bytes.
+        import hashlib
+
+        digest = hashlib.sha256(self.payload).hexdigest()[:16]
+        return (f"RawMessage(partner={self.partner!r}, source={self.source!r}, coords={self.coords!r}, "
+                f"payload=<{len(self.payload)} bytes sha256:{digest}…>, attributes=<{len(self.attributes)} bytes>, "
+                f"source_time_us={self.source_time_us})")
+
+    __str__ = __repr__
+
 
 class Event(NamedTuple):
     """A decoded, envelope-validated event. ``doc`` is the orjson-encoded object."""
