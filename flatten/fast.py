@@ -1,0 +1,153 @@
+"""Rows ready to store, from event bytes: the compiled accelerator when built, else Python.
+
+Pure Python, no Beam. :class:`FastFlattener` returns, per event, the list of
+``(table, row_id, orjson(columns), orjson(types))`` tuples, main row first,
+exactly what ``Flattener.flatten`` + ``orjson.dumps`` produce (the Python path
+*is* that, and stays the reference). When the Rust extension
+``headwater_native`` (``native/``, built by ``./hw``'s install step) is
+importable, events go through it; it returns byte-identical bytes
+(``tests/flatten/test_native.py`` checks this differentially) or *declines* an
+event, which then takes the Python path. What declines (counted in
+:meth:`FastFlattener.stats`):
+
+* payloads the native parser does not reproduce orjson on: invalid JSON,
+  ``-0``/``-0.0``, non-finite numbers, nesting deeper than 128 levels
+  (Python then raises or flattens, as before);
+* non-object documents, event ids/user ids that are not ``str``, event times
+  that are not ``int`` or out of range, more than 10,000 columns (Python then
+  raises the :class:`~flatten.core.FlattenError`);
+* partners with ``timestamp_columns`` / ``no_timestamp_columns``: the whole
+  partner uses Python (``native`` is False for it).
+
+Set ``HEADWATER_NO_NATIVE=1`` to force the Python path everywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence
+
+import orjson
+
+from flatten.core import Flattener
+from flatten.infer import parse_timestamp
+from flatten.mask import Masker, _canonical_bytes
+from flatten.names import normalize_key
+from flatten.options import ColumnAnnotation, FlattenOptions
+
+__all__ = ["FastFlattener", "RowBytes", "native_available", "native_import_error"]
+
+RowBytes = tuple  # (table: str, row_id: str, columns: bytes, types: bytes)
+
+try:
+    import headwater_native as _native
+
+    _IMPORT_ERROR: Optional[str] = None
+    if getattr(_native, "ABI_VERSION", None) != 1:
+        _IMPORT_ERROR = f"headwater_native ABI {getattr(_native, 'ABI_VERSION', None)!r} != 1 (rebuild native/)"
+        _native = None
+except ImportError as exc:  # not built: the Python path is used
+    _native = None
+    _IMPORT_ERROR = str(exc)
+
+
+def native_available() -> bool:
+    """True when the compiled accelerator is importable and not disabled by ``HEADWATER_NO_NATIVE=1``."""
+    return _native is not None and os.environ.get("HEADWATER_NO_NATIVE") != "1"
+
+
+def native_import_error() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def _mask_tree(masker: Optional[Masker]) -> list:
+    """The Masker's annotation tree as flat tuples (node 0 = root) for the native side."""
+    if masker is None or not masker.has_rules:
+        return []
+    nodes: list = []
+    index: dict[int, int] = {}
+    order = [masker._root]
+    index[id(masker._root)] = 0
+    i = 0
+    while i < len(order):
+        n = order[i]
+        for c in [*n.keys.values(), n.star, n.items]:
+            if c is not None and id(c) not in index:
+                index[id(c)] = len(order)
+                order.append(c)
+        i += 1
+    for n in order:
+        nodes.append((
+            {k: index[id(c)] for k, c in n.keys.items()},
+            index[id(n.star)] if n.star is not None else -1,
+            index[id(n.items)] if n.items is not None else -1,
+            n.policy.value if n.policy is not None else None,
+            n.keep_last,
+        ))
+    return nodes
+
+
+class FastFlattener:
+    """Flatten (optionally mask first) event bytes into :data:`RowBytes`; one per partner, built in ``DoFn.setup``.
+
+    ``annotations``/``key`` are only needed for :meth:`mask_rows` (parse + mask + flatten).
+    Not thread-safe (one per DoFn instance), like :class:`Flattener`.
+    """
+
+    def __init__(self, options: FlattenOptions, annotations: Sequence[ColumnAnnotation] = (),
+                 key: Optional[bytes] = None, *, use_native: Optional[bool] = None) -> None:
+        self.options = options
+        self.flattener = Flattener(options)
+        self.masker = Masker(annotations, key) if annotations else None
+        want = native_available() if use_native is None else (use_native and _native is not None)
+        supported = not options.timestamp_columns and not options.no_timestamp_columns
+        self._nf: Any = None
+        if want and supported:
+            self._nf = _native.NativeFlattener(
+                options.max_depth, options.scalar_arrays == "child", options.detect_timestamps,
+                _mask_tree(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
+                normalize_key, parse_timestamp, _canonical_bytes)
+        self.python_events = 0
+
+    @property
+    def native(self) -> bool:
+        return self._nf is not None
+
+    def rows(self, doc: bytes, event_id: str, user_id: str, event_time_us: int) -> list:
+        """Rows of an already masked event document (``Event.doc``). Raises what the Python path raises
+        (``FlattenError``, ``orjson.JSONDecodeError`` ...)."""
+        if self._nf is not None:
+            out = self._nf.process(doc, event_id, user_id, event_time_us, False)
+            if out is not None:
+                return out
+        return self.rows_python(doc, event_id, user_id, event_time_us)
+
+    def mask_rows(self, payload: bytes, event_id: str, user_id: str, event_time_us: int) -> list:
+        """Parse + ``Masker.mask_doc`` + flatten (the benchmark's unit of work)."""
+        if self._nf is not None:
+            out = self._nf.process(payload, event_id, user_id, event_time_us, True)
+            if out is not None:
+                return out
+        return self.rows_python(payload, event_id, user_id, event_time_us, mask=True)
+
+    def rows_python(self, payload: bytes, event_id: str, user_id: str, event_time_us: int,
+                    mask: bool = False) -> list:
+        """The reference path: orjson + (mask_doc) + Flattener.flatten + orjson.dumps."""
+        self.python_events += 1
+        doc = orjson.loads(payload)
+        if mask and self.masker is not None:
+            doc = self.masker.mask_doc(doc)
+        dumps = orjson.dumps
+        return [(r.table, r.row_id, dumps(r.columns), dumps(r.types))
+                for r in self.flattener.flatten(doc, event_id=event_id, user_id=user_id, event_time_us=event_time_us)]
+
+    def native_event(self, payload: bytes, id_path: str, user_path: str, time_path: str) -> Optional[tuple]:
+        """Native parse + mask + envelope + flatten for the common envelope shapes:
+        ``(event_id, user_id, event_time_us, rows)``, or None (declined / not built: use the Python path)."""
+        if self._nf is None:
+            return None
+        return self._nf.process_event(payload, id_path, user_path, time_path)
+
+    def stats(self) -> dict:
+        """``{"native": bool, "native_events": n, "declined": {reason: n}, "python_events": n}``."""
+        s = self._nf.stats() if self._nf is not None else {"native_events": 0, "declined": {}}
+        return {"native": self.native, **s, "python_events": self.python_events}

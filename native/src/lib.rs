@@ -1,0 +1,1017 @@
+//! headwater_native: a compiled port of `flatten.mask.Masker.mask_doc` +
+//! `flatten.core.Flattener.flatten` + the `orjson.dumps` of each row, used by
+//! `flatten/fast.py` when importable. The Python package stays the reference:
+//!
+//! * anything this port does not reproduce exactly is *declined* (the method
+//!   returns None and the caller runs the Python path for that event), never
+//!   approximated; declines are counted by reason (`stats()`);
+//! * the rare, Unicode-heavy decisions call the Python functions themselves
+//!   (`normalize_key` on a name-cache miss, `parse_timestamp` for strings that
+//!   look like dates but are not in the strict fast forms, `_canonical_bytes`
+//!   for tokenizing non-ASCII strings and floats, `repr` for redacting floats).
+
+mod json;
+mod ts;
+
+use hmac::{Hmac, Mac};
+use json::{write_f64, write_i64, write_str, write_value, V};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::hash::Hasher;
+use std::rc::Rc;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const MAX_NAME: usize = 272;
+const MAX_COLUMNS: usize = 10_000;
+const MAX_MASK_DEPTH: usize = 200;
+
+/// Why an event was declined (the caller runs the Python path for it).
+#[derive(Clone, Copy)]
+enum Decline {
+    Parse,
+    NotObject,
+    EventTime,
+    TooManyColumns,
+    Callback,
+    Envelope,
+    Input,
+}
+
+impl Decline {
+    fn name(self) -> &'static str {
+        match self {
+            Decline::Parse => "parse",
+            Decline::NotObject => "not_object",
+            Decline::EventTime => "event_time",
+            Decline::TooManyColumns => "too_many_columns",
+            Decline::Callback => "python_callback_error",
+            Decline::Envelope => "envelope",
+            Decline::Input => "input_type",
+        }
+    }
+}
+
+type R<T> = Result<T, Decline>;
+
+fn sha_hex(s: &[u8]) -> String {
+    json::hex(&Sha256::digest(s))
+}
+
+fn join_name(prefix: &str, seg: &str) -> String {
+    let name = if prefix.is_empty() { seg.to_owned() } else { format!("{prefix}__{seg}") };
+    if name.len() > MAX_NAME {
+        // names are ASCII ([a-z0-9_]), so byte offsets are code point offsets
+        let cut = name[..MAX_NAME - 9].trim_end_matches('_');
+        return format!("{cut}_{}", &sha_hex(name.as_bytes())[..8]);
+    }
+    name
+}
+
+// ------------------------------------------------------------------ sites
+
+struct Site {
+    table: String,
+    prefix: String,
+    depth: u32,
+    deep: bool,
+    subs: FxHashMap<String, usize>,
+    arrays: FxHashMap<String, (Rc<str>, usize)>,
+    shapes: FxHashMap<u64, Vec<(Vec<Box<str>>, Rc<[String]>)>>,
+    nshapes: usize,
+}
+
+impl Site {
+    fn new(table: String, prefix: String, depth: u32, max_depth: u32) -> Site {
+        Site {
+            table,
+            prefix,
+            depth,
+            deep: depth + 1 >= max_depth,
+            subs: FxHashMap::default(),
+            arrays: FxHashMap::default(),
+            shapes: FxHashMap::default(),
+            nshapes: 0,
+        }
+    }
+}
+
+struct OutRow {
+    table: Rc<str>,
+    row_id: String,
+    cols: Vec<u8>,
+    types: Vec<u8>,
+    n: usize,
+}
+
+impl OutRow {
+    fn key(&mut self, name: &str, ty: &str) {
+        if self.n > 0 {
+            self.cols.push(b',');
+            self.types.push(b',');
+        }
+        self.n += 1;
+        write_str(&mut self.cols, name);
+        self.cols.push(b':');
+        write_str(&mut self.types, name);
+        self.types.push(b':');
+        write_str(&mut self.types, ty);
+    }
+}
+
+struct Ctx<'e> {
+    event_id: &'e str,
+    et: &'e str,
+    rows: Vec<Option<OutRow>>,
+}
+
+// ------------------------------------------------------------------ masking
+
+struct Node {
+    keys: FxHashMap<String, usize>,
+    star: Option<usize>,
+    items: Option<usize>,
+    policy: u8, // 0 none, 1 tokenize, 2 hash, 3 redact, 4 drop (= strength)
+    keep_last: usize,
+}
+
+enum Masked<'a> {
+    Keep,
+    Drop,
+    Set(V<'a>),
+}
+
+// ------------------------------------------------------------------ the class
+
+#[pyclass(unsendable)]
+struct NativeFlattener {
+    max_depth: u32,
+    scalar_child: bool,
+    detect: bool,
+    sites: Vec<Site>,
+    norm: FxHashMap<Box<str>, Rc<str>>,
+    normalize_key: PyObject,
+    parse_timestamp: PyObject,
+    canonical_bytes: PyObject,
+    nodes: Vec<Node>,
+    hash_mac: HmacSha256,
+    tok_mac: HmacSha256,
+    et_cache: (i64, String),
+    native_events: u64,
+    declines: FxHashMap<&'static str, u64>,
+}
+
+#[pymethods]
+impl NativeFlattener {
+    /// `mask_nodes`: the Masker's annotation tree, node 0 the root:
+    /// `[(keys {normalised name: node index}, star index or -1, items index or -1, policy or None, keep_last)]`.
+    #[new]
+    #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_nodes, mask_key, normalize_key, parse_timestamp, canonical_bytes))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        max_depth: u32,
+        scalar_child: bool,
+        detect_timestamps: bool,
+        mask_nodes: Vec<(FxHashMap<String, usize>, i64, i64, Option<String>, usize)>,
+        mask_key: &[u8],
+        normalize_key: PyObject,
+        parse_timestamp: PyObject,
+        canonical_bytes: PyObject,
+    ) -> PyResult<Self> {
+        let mut nodes = Vec::with_capacity(mask_nodes.len());
+        for (keys, star, items, policy, keep_last) in mask_nodes {
+            let policy = match policy.as_deref() {
+                None => 0,
+                Some("tokenize") => 1,
+                Some("hash") => 2,
+                Some("redact") => 3,
+                Some("drop") => 4,
+                Some(p) => return Err(PyValueError::new_err(format!("unknown policy {p:?}"))),
+            };
+            let ix = |i: i64| if i < 0 { None } else { Some(i as usize) };
+            nodes.push(Node { keys, star: ix(star), items: ix(items), policy, keep_last });
+        }
+        let n = nodes.len();
+        for nd in &nodes {
+            if nd.keys.values().chain(nd.star.iter()).chain(nd.items.iter()).any(|&i| i >= n) {
+                return Err(PyValueError::new_err("mask node index out of range"));
+            }
+        }
+        let derive = |label: &[u8]| -> PyResult<HmacSha256> {
+            let mut m = HmacSha256::new_from_slice(mask_key).map_err(|_| PyValueError::new_err("bad key"))?;
+            m.update(label);
+            let sub = m.finalize().into_bytes();
+            HmacSha256::new_from_slice(&sub).map_err(|_| PyValueError::new_err("bad key"))
+        };
+        Ok(NativeFlattener {
+            max_depth,
+            scalar_child,
+            detect: detect_timestamps,
+            sites: vec![Site::new(String::new(), String::new(), 0, max_depth)],
+            norm: FxHashMap::default(),
+            normalize_key,
+            parse_timestamp,
+            canonical_bytes,
+            nodes,
+            hash_mac: derive(b"headwater/hash/v1")?,
+            tok_mac: derive(b"headwater/tokenize/v1")?,
+            et_cache: (i64::MIN, String::new()),
+            native_events: 0,
+            declines: FxHashMap::default(),
+        })
+    }
+
+    /// Rows of one event document: `[(table, row_id, orjson(columns), orjson(types))]`, main row first;
+    /// masked first when `mask` (and the tree has rules). None = declined: run the Python path.
+    #[pyo3(signature = (payload, event_id, user_id, event_time_us, mask))]
+    fn process<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+        event_id: &Bound<'py, PyAny>,
+        user_id: &Bound<'py, PyAny>,
+        event_time_us: &Bound<'py, PyAny>,
+        mask: bool,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let r = (|| -> R<Vec<OutRow>> {
+            let eid = exact_str(event_id)?;
+            let uid = exact_str(user_id)?;
+            let us = exact_i64(event_time_us)?;
+            let mut doc = json::parse(payload).ok_or(Decline::Parse)?;
+            if mask {
+                self.mask_doc(py, &mut doc)?;
+            }
+            self.flatten(py, &doc, eid, uid, us)
+        })();
+        self.finish(py, r)
+    }
+
+    /// Parse + mask + envelope (dotted paths, as `ingest.envelope.lookup_path`) + flatten.
+    /// Only the common envelope shapes: string/int ids, event time as `YYYY-MM-DDTHH:MM:SS[.f]Z` in 1970..2200;
+    /// anything else declines. Returns `(event_id, user_id, event_time_us, rows)` or None.
+    fn process_event<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+        id_path: &str,
+        user_path: &str,
+        time_path: &str,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let mut ids = (String::new(), String::new(), 0i64);
+        let r = (|| -> R<Vec<OutRow>> {
+            let mut doc = json::parse(payload).ok_or(Decline::Parse)?;
+            if !matches!(doc, V::Obj(_)) {
+                return Err(Decline::NotObject);
+            }
+            self.mask_doc(py, &mut doc)?;
+            let us = match lookup(&doc, time_path) {
+                Some(V::Str(s)) => ts::iso_z_to_us(s).ok_or(Decline::Envelope)?,
+                _ => return Err(Decline::Envelope),
+            };
+            if !(0..7_258_118_400_000_000).contains(&us) {
+                return Err(Decline::Envelope);
+            }
+            let uid = id_text(lookup(&doc, user_path))?;
+            let eid = id_text(lookup(&doc, id_path))?;
+            let rows = self.flatten(py, &doc, &eid, &uid, us)?;
+            ids = (eid, uid, us);
+            Ok(rows)
+        })();
+        match self.finish(py, r)? {
+            None => Ok(None),
+            Some(rows) => Ok(Some(PyTuple::new(
+                py,
+                [
+                    PyString::new(py, &ids.0).into_any(),
+                    PyString::new(py, &ids.1).into_any(),
+                    ids.2.into_pyobject(py)?.into_any(),
+                    rows.into_any(),
+                ],
+            )?)),
+        }
+    }
+
+    /// `{"native_events": n, "declined": {reason: n}}`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("native_events", self.native_events)?;
+        let dec = pyo3::types::PyDict::new(py);
+        for (k, v) in &self.declines {
+            dec.set_item(*k, *v)?;
+        }
+        d.set_item("declined", dec)?;
+        Ok(d.into_any())
+    }
+}
+
+fn exact_str<'a>(o: &'a Bound<'_, PyAny>) -> R<&'a str> {
+    o.downcast_exact::<PyString>().map_err(|_| Decline::Input)?.to_str().map_err(|_| Decline::Input)
+}
+
+fn exact_i64(o: &Bound<'_, PyAny>) -> R<i64> {
+    o.downcast_exact::<PyInt>().map_err(|_| Decline::EventTime)?.extract::<i64>().map_err(|_| Decline::EventTime)
+}
+
+fn lookup<'a, 'b>(doc: &'b V<'a>, path: &str) -> Option<&'b V<'a>> {
+    let mut cur = doc;
+    for part in path.split('.') {
+        cur = match cur {
+            V::Obj(o) => &o.iter().find(|(k, _)| k == part)?.1,
+            V::Arr(a) => {
+                if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) || part.len() > 9 {
+                    return None; // (non-ASCII digits: not handled here)
+                }
+                a.get(part.parse::<usize>().ok()?)?
+            }
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn id_text(v: Option<&V>) -> R<String> {
+    match v {
+        Some(V::Str(s)) if !s.is_empty() => Ok(s.to_string()),
+        Some(V::Int(i)) => Ok(i.to_string()),
+        Some(V::UInt(u)) => Ok(u.to_string()),
+        _ => Err(Decline::Envelope),
+    }
+}
+
+impl NativeFlattener {
+    fn finish<'py>(&mut self, py: Python<'py>, r: R<Vec<OutRow>>) -> PyResult<Option<Bound<'py, PyList>>> {
+        match r {
+            Err(d) => {
+                *self.declines.entry(d.name()).or_insert(0) += 1;
+                Ok(None)
+            }
+            Ok(rows) => {
+                self.native_events += 1;
+                let mut items = Vec::with_capacity(rows.len());
+                for r in rows {
+                    items.push(PyTuple::new(
+                        py,
+                        [
+                            PyString::new(py, &r.table).into_any(),
+                            PyString::new(py, &r.row_id).into_any(),
+                            PyBytes::new(py, &r.cols).into_any(),
+                            PyBytes::new(py, &r.types).into_any(),
+                        ],
+                    )?);
+                }
+                Ok(Some(PyList::new(py, items)?))
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- names
+
+    fn normalize(&mut self, py: Python<'_>, k: &str) -> R<Rc<str>> {
+        if let Some(r) = self.norm.get(k) {
+            return Ok(r.clone());
+        }
+        let r: String = self
+            .normalize_key
+            .call1(py, (k,))
+            .and_then(|o| o.extract::<String>(py))
+            .map_err(|_| Decline::Callback)?;
+        if self.norm.len() >= 200_000 {
+            self.norm.clear();
+        }
+        let r: Rc<str> = Rc::from(r);
+        self.norm.insert(Box::from(k), r.clone());
+        Ok(r)
+    }
+
+    /// Column names for an object's keys at `site` (`Flattener._names`): resolve_keys + join_name, cached per shape.
+    fn names(&mut self, py: Python<'_>, site: usize, keys: &[&str]) -> R<Rc<[String]>> {
+        let mut h = FxHasher::default();
+        for k in keys {
+            h.write(k.as_bytes());
+            h.write_u8(0xff);
+        }
+        let hv = h.finish();
+        if let Some(list) = self.sites[site].shapes.get(&hv) {
+            for (ks, names) in list {
+                if ks.len() == keys.len() && ks.iter().zip(keys).all(|(a, b)| **a == **b) {
+                    return Ok(names.clone());
+                }
+            }
+        }
+        let mut segs: Vec<String> = Vec::with_capacity(keys.len());
+        for k in keys {
+            segs.push(self.normalize(py, k)?.to_string());
+        }
+        let uniq: FxHashSet<&str> = segs.iter().map(|s| s.as_str()).collect();
+        if uniq.len() != segs.len() {
+            resolve_collisions(keys, &mut segs);
+        }
+        let s = &mut self.sites[site];
+        let names: Rc<[String]> = segs.iter().map(|g| join_name(&s.prefix, g)).collect::<Vec<_>>().into();
+        if s.nshapes >= 1024 {
+            s.shapes.clear();
+            s.nshapes = 0;
+        }
+        s.nshapes += 1;
+        s.shapes.entry(hv).or_default().push((keys.iter().map(|k| Box::from(*k)).collect(), names.clone()));
+        Ok(names)
+    }
+
+    fn sub(&mut self, site: usize, name: &str) -> usize {
+        if let Some(&i) = self.sites[site].subs.get(name) {
+            return i;
+        }
+        let s = &self.sites[site];
+        let new = Site::new(s.table.clone(), name.to_owned(), s.depth + 1, self.max_depth);
+        self.sites.push(new);
+        let i = self.sites.len() - 1;
+        self.sites[site].subs.insert(name.to_owned(), i);
+        i
+    }
+
+    fn array_site(&mut self, site: usize, name: &str) -> (Rc<str>, usize) {
+        if let Some((c, i)) = self.sites[site].arrays.get(name) {
+            return (c.clone(), *i);
+        }
+        let s = &self.sites[site];
+        let child = if s.table.is_empty() { name.to_owned() } else { join_name(&s.table, name) };
+        let new = Site::new(child.clone(), String::new(), s.depth + 1, self.max_depth);
+        self.sites.push(new);
+        let i = self.sites.len() - 1;
+        let c: Rc<str> = Rc::from(child);
+        self.sites[site].arrays.insert(name.to_owned(), (c.clone(), i));
+        (c, i)
+    }
+
+    // ---------------------------------------------------------- timestamps
+
+    fn parse_ts(&self, py: Python<'_>, s: &str) -> R<Option<(String, &'static str)>> {
+        match ts::parse_fast(s) {
+            ts::Fast::Yes(v, t) => Ok(Some((v, t))),
+            ts::Fast::Ask => {
+                let r: Option<(String, String)> = self
+                    .parse_timestamp
+                    .call1(py, (s,))
+                    .and_then(|o| o.extract(py))
+                    .map_err(|_| Decline::Callback)?;
+                Ok(match r {
+                    None => None,
+                    Some((v, t)) => Some((
+                        v,
+                        match t.as_str() {
+                            "TIMESTAMP" => "TIMESTAMP",
+                            "DATE" => "DATE",
+                            _ => return Err(Decline::Callback),
+                        },
+                    )),
+                })
+            }
+        }
+    }
+
+    // ---------------------------------------------------------- flatten
+
+    fn event_time(&mut self, us: i64) -> R<String> {
+        let sec = us.div_euclid(1_000_000);
+        if self.et_cache.0 != sec {
+            let full = ts::event_time(sec * 1_000_000).ok_or(Decline::EventTime)?;
+            self.et_cache = (sec, full[..19].to_owned());
+        }
+        Ok(format!("{}.{:06}Z", self.et_cache.1, us.rem_euclid(1_000_000)))
+    }
+
+    fn flatten(&mut self, py: Python<'_>, doc: &V, eid: &str, uid: &str, us: i64) -> R<Vec<OutRow>> {
+        let V::Obj(obj) = doc else { return Err(Decline::NotObject) };
+        let et = self.event_time(us)?;
+        let mut main = OutRow { table: Rc::from(""), row_id: eid.to_owned(), cols: Vec::with_capacity(1024), types: Vec::with_capacity(1024), n: 0 };
+        main.cols.push(b'{');
+        main.types.push(b'{');
+        main.key("_event_id", "STRING");
+        write_str(&mut main.cols, eid);
+        main.key("_user_id", "STRING");
+        write_str(&mut main.cols, uid);
+        main.key("_event_time", "TIMESTAMP");
+        write_str(&mut main.cols, &et);
+        let mut ctx = Ctx { event_id: eid, et: &et, rows: vec![None] };
+        if !obj.is_empty() {
+            self.walk(py, obj, 0, &mut main, eid, &mut ctx)?;
+        }
+        if main.n > MAX_COLUMNS {
+            return Err(Decline::TooManyColumns);
+        }
+        main.cols.push(b'}');
+        main.types.push(b'}');
+        ctx.rows[0] = Some(main);
+        Ok(ctx.rows.into_iter().map(|r| r.expect("row slot filled")).collect())
+    }
+
+    fn walk(&mut self, py: Python<'_>, obj: &[(Cow<str>, V)], site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
+        let keys: Vec<&str> = obj.iter().map(|(k, _)| &**k).collect();
+        let names = self.names(py, site, &keys)?;
+        for (name, (_, v)) in names.iter().zip(obj) {
+            self.value(py, name, v, site, row, row_id, ctx)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn value(&mut self, py: Python<'_>, name: &str, v: &V, site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
+        match v {
+            V::Null => {}
+            V::Str(s) => {
+                if self.detect && ts::looks(s) {
+                    if let Some((val, t)) = self.parse_ts(py, s)? {
+                        row.key(name, t);
+                        write_str(&mut row.cols, &val);
+                        return Ok(());
+                    }
+                }
+                row.key(name, "STRING");
+                write_str(&mut row.cols, s);
+            }
+            V::Int(i) => {
+                row.key(name, "INT64");
+                write_i64(&mut row.cols, *i);
+            }
+            V::UInt(u) => {
+                row.key(name, "NUMERIC"); // u64 beyond i64 < 10^29
+                write_str(&mut row.cols, &u.to_string());
+            }
+            V::Float(f) => {
+                row.key(name, "FLOAT64");
+                write_f64(&mut row.cols, *f);
+            }
+            V::Bool(b) => {
+                row.key(name, "BOOL");
+                row.cols.extend_from_slice(if *b { b"true" } else { b"false" });
+            }
+            V::Obj(o) => {
+                if o.is_empty() {
+                    return Ok(());
+                }
+                if self.sites[site].deep {
+                    json_col(row, name, v);
+                } else {
+                    let sub = self.sub(site, name);
+                    self.walk(py, o, sub, row, row_id, ctx)?;
+                }
+            }
+            V::Arr(a) => {
+                if a.is_empty() {
+                    return Ok(());
+                }
+                if self.sites[site].deep {
+                    json_col(row, name, v);
+                } else {
+                    self.array(py, a, v, name, site, row, row_id, ctx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn array(&mut self, py: Python<'_>, a: &[V], whole: &V, name: &str, site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
+        const NULL: u8 = 1;
+        const BOOL: u8 = 2;
+        const INT: u8 = 4;
+        const FLOAT: u8 = 8;
+        const STR: u8 = 16;
+        const ARR: u8 = 32;
+        const OBJ: u8 = 64;
+        let mut k = 0u8;
+        for x in a {
+            k |= match x {
+                V::Null => NULL,
+                V::Bool(_) => BOOL,
+                V::Int(_) | V::UInt(_) => INT,
+                V::Float(_) => FLOAT,
+                V::Str(_) => STR,
+                V::Arr(_) => ARR,
+                V::Obj(_) => OBJ,
+            };
+        }
+        if k.count_ones() != 1 {
+            k &= !NULL;
+            if k & INT != 0 && k & FLOAT != 0 {
+                k &= !INT;
+            }
+            if k == 0 {
+                return Ok(());
+            }
+            if k.count_ones() > 1 {
+                json_col(row, name, whole);
+                return Ok(());
+            }
+        }
+        match k {
+            NULL => Ok(()),
+            OBJ => {
+                let (child, es) = self.array_site(site, name);
+                self.child_rows(py, a, &child, es, row_id, ctx, false)
+            }
+            ARR => {
+                json_col(row, name, whole);
+                Ok(())
+            }
+            _ if self.scalar_child => {
+                let (child, es) = self.array_site(site, name);
+                self.child_rows(py, a, &child, es, row_id, ctx, true)
+            }
+            _ => self.scalar_list(py, a, k, name, row),
+        }
+    }
+
+    fn scalar_list(&mut self, py: Python<'_>, a: &[V], kind: u8, name: &str, row: &mut OutRow) -> R<()> {
+        let vals = a.iter().filter(|x| !matches!(x, V::Null));
+        match kind {
+            16 => {
+                let strs: Vec<&str> = vals.map(|x| if let V::Str(s) = x { &**s } else { "" }).collect();
+                if self.detect && strs.iter().all(|s| ts::looks(s)) {
+                    let mut conv = Vec::with_capacity(strs.len());
+                    let mut ok = true;
+                    for s in &strs {
+                        match self.parse_ts(py, s)? {
+                            Some(c) => conv.push(c),
+                            None => ok = false,
+                        }
+                    }
+                    if ok && conv.iter().all(|c| c.1 == conv[0].1) {
+                        row.key(name, if conv[0].1 == "DATE" { "DATE[]" } else { "TIMESTAMP[]" });
+                        list_out(&mut row.cols, conv.iter().map(|c| c.0.as_str()), |o, s| write_str(o, s));
+                        return Ok(());
+                    }
+                }
+                row.key(name, "STRING[]");
+                list_out(&mut row.cols, strs.into_iter(), |o, s| write_str(o, s));
+            }
+            2 => {
+                row.key(name, "BOOL[]");
+                list_out(&mut row.cols, vals, |o, x| o.extend_from_slice(if matches!(x, V::Bool(true)) { b"true" } else { b"false" }));
+            }
+            4 => {
+                let all_i64 = vals.clone().all(|x| matches!(x, V::Int(_)));
+                if all_i64 {
+                    row.key(name, "INT64[]");
+                    list_out(&mut row.cols, vals, |o, x| if let V::Int(i) = x { write_i64(o, *i) });
+                } else {
+                    row.key(name, "NUMERIC[]");
+                    list_out(&mut row.cols, vals, |o, x| match x {
+                        V::Int(i) => write_str(o, &i.to_string()),
+                        V::UInt(u) => write_str(o, &u.to_string()),
+                        _ => {}
+                    });
+                }
+            }
+            _ => {
+                row.key(name, "FLOAT64[]");
+                list_out(&mut row.cols, vals, |o, x| match x {
+                    V::Int(i) => write_f64(o, *i as f64),
+                    V::UInt(u) => write_f64(o, *u as f64),
+                    V::Float(f) => write_f64(o, *f),
+                    _ => {}
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn child_rows(&mut self, py: Python<'_>, a: &[V], child: &Rc<str>, es: usize, parent_id: &str, ctx: &mut Ctx, scalar: bool) -> R<()> {
+        let mut h0 = Sha256::new();
+        h0.update(ctx.event_id.as_bytes());
+        h0.update(b"\x1f");
+        h0.update(parent_id.as_bytes());
+        h0.update(b"\x1f");
+        h0.update(child.as_bytes());
+        h0.update(b"\x1f");
+        let value_names = if scalar { Some(self.names(py, es, &["value"])?) } else { None };
+        for (i, el) in a.iter().enumerate() {
+            if matches!(el, V::Null) {
+                continue;
+            }
+            let mut h = h0.clone();
+            h.update(i.to_string().as_bytes());
+            let rid = json::hex(&h.finalize()[..16]);
+            let mut r = OutRow { table: child.clone(), row_id: rid.clone(), cols: Vec::with_capacity(256), types: Vec::with_capacity(256), n: 0 };
+            r.cols.push(b'{');
+            r.types.push(b'{');
+            r.key("_row_id", "STRING");
+            write_str(&mut r.cols, &rid);
+            r.key("_parent_row_id", "STRING");
+            write_str(&mut r.cols, parent_id);
+            r.key("_event_id", "STRING");
+            write_str(&mut r.cols, ctx.event_id);
+            r.key("_index", "INT64");
+            write_i64(&mut r.cols, i as i64);
+            r.key("_event_time", "TIMESTAMP");
+            write_str(&mut r.cols, ctx.et);
+            let slot = ctx.rows.len();
+            ctx.rows.push(None);
+            if let Some(vn) = &value_names {
+                self.value(py, &vn[0], el, es, &mut r, &rid, ctx)?;
+            } else if let V::Obj(o) = el {
+                if !o.is_empty() {
+                    self.walk(py, o, es, &mut r, &rid, ctx)?;
+                }
+            }
+            if r.n > MAX_COLUMNS {
+                return Err(Decline::TooManyColumns);
+            }
+            r.cols.push(b'}');
+            r.types.push(b'}');
+            ctx.rows[slot] = Some(r);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------- masking
+
+    fn mask_doc(&mut self, py: Python<'_>, doc: &mut V) -> R<()> {
+        if self.nodes.is_empty() || !self.has_rules() {
+            return Ok(());
+        }
+        if let V::Obj(o) = doc {
+            self.mask_dict(py, o, &[0], 0)?;
+        }
+        Ok(())
+    }
+
+    fn has_rules(&self) -> bool {
+        let r = &self.nodes[0];
+        !r.keys.is_empty() || r.star.is_some() || r.items.is_some() || r.policy != 0
+    }
+
+    fn strongest(&self, hit: &[usize]) -> Option<usize> {
+        let mut pol: Option<usize> = None;
+        for &n in hit {
+            let p = self.nodes[n].policy;
+            if p != 0 && pol.is_none_or(|q| p > self.nodes[q].policy) {
+                pol = Some(n);
+            }
+        }
+        pol
+    }
+
+    fn mask_dict<'a>(&mut self, py: Python<'_>, o: &mut Vec<(Cow<'a, str>, V<'a>)>, nodes: &[usize], depth: usize) -> R<()> {
+        let mut i = 0;
+        let mut hit: Vec<usize> = Vec::new();
+        while i < o.len() {
+            let nk = self.normalize(py, &o[i].0)?;
+            hit.clear();
+            for &n in nodes {
+                let nd = &self.nodes[n];
+                if let Some(&c) = nd.keys.get(&*nk) {
+                    hit.push(c);
+                }
+                if let Some(s) = nd.star {
+                    hit.push(s);
+                }
+            }
+            if hit.is_empty() {
+                i += 1;
+                continue;
+            }
+            let dropped = if let Some(p) = self.strongest(&hit) {
+                match self.policy(py, p, &o[i].1)? {
+                    Masked::Keep => false,
+                    Masked::Drop => true,
+                    Masked::Set(nv) => {
+                        o[i].1 = nv;
+                        false
+                    }
+                }
+            } else if matches!(o[i].1, V::Obj(_) | V::Arr(_)) {
+                let h = hit.clone();
+                self.apply(py, &mut o[i].1, &h, depth)?
+            } else {
+                false
+            };
+            if dropped {
+                o.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Masker._apply`; true = drop the value.
+    fn apply<'a>(&mut self, py: Python<'_>, v: &mut V<'a>, hit: &[usize], depth: usize) -> R<bool> {
+        if let Some(p) = self.strongest(hit) {
+            return Ok(match self.policy(py, p, v)? {
+                Masked::Keep => false,
+                Masked::Drop => true,
+                Masked::Set(nv) => {
+                    *v = nv;
+                    false
+                }
+            });
+        }
+        match v {
+            V::Obj(o) => {
+                if depth >= MAX_MASK_DEPTH {
+                    return Ok(true);
+                }
+                self.mask_dict(py, o, hit, depth + 1)?;
+            }
+            V::Arr(a) => {
+                if depth >= MAX_MASK_DEPTH {
+                    return Ok(true);
+                }
+                let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
+                el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
+                if el.is_empty() {
+                    return Ok(false);
+                }
+                let mut out = Vec::with_capacity(a.len());
+                for mut x in std::mem::take(a) {
+                    if !self.apply(py, &mut x, &el, depth + 1)? {
+                        out.push(x);
+                    }
+                }
+                *a = out;
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    fn policy<'a>(&self, py: Python<'_>, node: usize, v: &V) -> R<Masked<'a>> {
+        let nd = &self.nodes[node];
+        if nd.policy == 4 {
+            return Ok(Masked::Drop);
+        }
+        if matches!(v, V::Null) {
+            return Ok(Masked::Keep);
+        }
+        let s = match nd.policy {
+            2 => {
+                let mut m = self.hash_mac.clone();
+                m.update(&value_bytes(v));
+                json::hex(&m.finalize().into_bytes())
+            }
+            1 => {
+                let mut m = self.tok_mac.clone();
+                m.update(&self.canonical(py, v)?);
+                let mut t = String::from("tok_");
+                t.push_str(&json::hex(&m.finalize().into_bytes()[..16]));
+                t
+            }
+            _ => self.redact(py, v, nd.keep_last)?,
+        };
+        Ok(Masked::Set(V::Str(Cow::Owned(s))))
+    }
+
+    fn canonical(&self, py: Python<'_>, v: &V) -> R<Vec<u8>> {
+        let ask = |o: Bound<'_, PyAny>| -> R<Vec<u8>> {
+            self.canonical_bytes.call1(py, (o,)).and_then(|r| r.extract::<Vec<u8>>(py)).map_err(|_| Decline::Callback)
+        };
+        Ok(match v {
+            V::Str(s) if s.is_ascii() => {
+                let t = s.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\x0b' | '\x0c' | '\r' | '\x1c'..='\x1f'));
+                let mut b = b"s:".to_vec();
+                b.extend(t.bytes().map(|c| c.to_ascii_lowercase()));
+                b
+            }
+            V::Str(s) => ask(PyString::new(py, s).into_any())?,
+            V::Bool(b) => if *b { b"b:true".to_vec() } else { b"b:false".to_vec() },
+            V::Int(i) => format!("s:{i}").into_bytes(),
+            V::UInt(u) => format!("s:{u}").into_bytes(),
+            V::Float(f) => ask(PyFloat::new(py, *f).into_any())?,
+            V::Obj(_) | V::Arr(_) => {
+                let mut b = b"j:".to_vec();
+                write_value(&mut b, v, true);
+                b
+            }
+            V::Null => return Err(Decline::Callback),
+        })
+    }
+
+    fn redact(&self, py: Python<'_>, v: &V, keep_last: usize) -> R<String> {
+        let s: String = match v {
+            V::Str(s) => s.to_string(),
+            V::Int(i) => i.to_string(),
+            V::UInt(u) => u.to_string(),
+            V::Float(f) => PyFloat::new(py, *f).repr().and_then(|r| r.extract::<String>()).map_err(|_| Decline::Callback)?,
+            _ => return Ok("****".to_owned()),
+        };
+        let n = s.chars().count();
+        let keep = keep_last.min(n / 2);
+        if keep == 0 {
+            return Ok("****".to_owned());
+        }
+        let tail: String = s.chars().skip(n - keep).collect();
+        Ok(format!("****{tail}"))
+    }
+}
+
+/// `flatten.mask._value_bytes` for JSON values.
+fn value_bytes(v: &V) -> Vec<u8> {
+    match v {
+        V::Str(s) => s.as_bytes().to_vec(),
+        _ => {
+            let mut b = Vec::new();
+            write_value(&mut b, v, true); // containers sorted; scalars as orjson.dumps
+            b
+        }
+    }
+}
+
+fn json_col(row: &mut OutRow, name: &str, v: &V) {
+    let mut text = Vec::with_capacity(128);
+    write_value(&mut text, v, false);
+    row.key(name, "JSON");
+    // orjson text is valid UTF-8
+    write_str(&mut row.cols, std::str::from_utf8(&text).expect("utf-8"));
+}
+
+fn list_out<T, I: Iterator<Item = T>>(out: &mut Vec<u8>, it: I, mut f: impl FnMut(&mut Vec<u8>, T)) {
+    out.push(b'[');
+    for (i, x) in it.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        f(out, x);
+    }
+    out.push(b']');
+}
+
+/// `flatten.names.resolve_keys` collision step (segments already normalised, some equal).
+fn resolve_collisions(keys: &[&str], norm: &mut [String]) {
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: FxHashMap<String, Vec<usize>> = FxHashMap::default();
+    for (i, n) in norm.iter().enumerate() {
+        if !groups.contains_key(n) {
+            order.push(n.clone());
+        }
+        groups.entry(n.clone()).or_default().push(i);
+    }
+    let mut taken: FxHashSet<String> = groups.keys().cloned().collect();
+    let mut losers: Vec<usize> = Vec::new();
+    for n in &order {
+        let idxs = &groups[n];
+        if idxs.len() == 1 {
+            continue;
+        }
+        let winner = idxs.iter().copied().find(|&i| keys[i] == n).unwrap_or_else(|| *idxs.iter().min_by(|&&a, &&b| keys[a].cmp(keys[b])).unwrap());
+        losers.extend(idxs.iter().copied().filter(|&i| i != winner));
+    }
+    losers.sort_by(|&a, &b| keys[a].cmp(keys[b]));
+    for i in losers {
+        let h = sha_hex(keys[i].as_bytes());
+        let mut cand = String::new();
+        let mut found = false;
+        for w in [8, 16, 64] {
+            cand = format!("{}_{}", norm[i], &h[..w]);
+            if !taken.contains(&cand) {
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            let mut j = 2;
+            while taken.contains(&format!("{}_{}_{}", norm[i], h, j)) {
+                j += 1;
+            }
+            cand = format!("{}_{}_{}", norm[i], h, j);
+        }
+        taken.insert(cand.clone());
+        norm[i] = cand;
+    }
+}
+
+/// Test hooks: the writer's float text and the timestamp fast path (None = would ask Python).
+#[pyfunction]
+fn _format_float(f: f64) -> String {
+    let mut b = Vec::new();
+    write_f64(&mut b, f);
+    String::from_utf8(b).unwrap()
+}
+
+#[pyfunction]
+fn _parse_timestamp_fast(s: &str) -> Option<(String, String)> {
+    match ts::parse_fast(s) {
+        ts::Fast::Yes(v, t) => Some((v, t.to_owned())),
+        ts::Fast::Ask => None,
+    }
+}
+
+#[pyfunction]
+fn _event_time(us: i64) -> Option<String> {
+    ts::event_time(us)
+}
+
+#[pymodule]
+fn headwater_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<NativeFlattener>()?;
+    m.add_function(wrap_pyfunction!(_format_float, m)?)?;
+    m.add_function(wrap_pyfunction!(_parse_timestamp_fast, m)?)?;
+    m.add_function(wrap_pyfunction!(_event_time, m)?)?;
+    m.add("ABI_VERSION", 1)?;
+    Ok(())
+}
