@@ -19,9 +19,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from ingest.contract import Contract
 
-__all__ = ["step_manifest", "check_or_write", "DEFAULT_MANIFEST", "NAME_MAPPING", "unmapped_changes"]
+__all__ = ["step_manifest", "check_or_write", "DEFAULT_MANIFEST", "STREAMING_MANIFEST", "NAME_MAPPING",
+           "unmapped_changes"]
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parent / "manifest" / "steps.json"
+STREAMING_MANIFEST = Path(__file__).resolve().parent / "manifest" / "steps-streaming.json"
 NAME_MAPPING = Path(__file__).resolve().parent / "manifest" / "name_mapping.json"
 _PARDO = "beam:transform:pardo:v1"
 
@@ -42,12 +44,20 @@ def _coder(components, cid: str) -> str:
     return urn
 
 
+# Streaming jobs are the ones updated in place, on Dataflow: their manifest must show the graph Dataflow
+# sees (native ReadFromPubSub, the streaming aggregate DoFn). Building with DataflowRunner options touches
+# GCS even offline (temp bucket checks), so we build with the DirectRunner in streaming mode, which makes
+# exactly the same runner-dependent choices (ingest.runner.uses_native_pubsub) and needs no network.
+_DATAFLOW_LIKE_ARGV = ["--runner=DirectRunner", "--streaming"]
+
+
 def step_manifest(contract: Contract) -> dict:
     """Build (not run) the job and describe it: {'steps': [...], 'stateful': {name: {...}}}."""
     from apache_beam.portability.api import beam_runner_api_pb2
     from ingest.pipeline import build
 
-    p = beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"]))
+    argv = _DATAFLOW_LIKE_ARGV if contract.streaming else ["--runner=FnApiRunner"]
+    p = beam.Pipeline(options=PipelineOptions(argv))
     build(p, contract)
     proto = p.to_runner_api()
     comps = proto.components
@@ -96,7 +106,7 @@ def _dump(m: dict) -> str:
 
 
 def check_or_write(contract: Contract, write: bool, path: Optional[str], out: TextIO) -> int:
-    target = Path(path) if path else DEFAULT_MANIFEST
+    target = Path(path) if path else (STREAMING_MANIFEST if contract.streaming else DEFAULT_MANIFEST)
     current = step_manifest(contract)
     if write:
         target.parent.mkdir(parents=True, exist_ok=True)

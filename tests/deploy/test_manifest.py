@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.manifest import DEFAULT_MANIFEST, NAME_MAPPING, step_manifest, unmapped_changes
+from deploy.manifest import DEFAULT_MANIFEST, NAME_MAPPING, STREAMING_MANIFEST, step_manifest, unmapped_changes
 from ingest.contract import load_contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,15 +16,30 @@ def current():
     return step_manifest(load_contract(ROOT / "examples" / "headwater.yaml"))
 
 
+@pytest.fixture(scope="module")
+def streaming():
+    return step_manifest(load_contract(ROOT / "examples" / "streaming.yaml"))
+
+
+def test_streaming_manifest_matches_checked_in(streaming):
+    _compare(streaming, STREAMING_MANIFEST, "examples/streaming.yaml")
+    assert any("ReadFromPubSub" in s for s in streaming["steps"]), "Dataflow graph must use Beam's native Pub/Sub read"
+    assert any("_StreamingAggregateFn" in s for s in streaming["stateful"])
+
+
 def test_step_manifest_matches_checked_in(current):
-    expected = json.loads(DEFAULT_MANIFEST.read_text())
+    _compare(current, DEFAULT_MANIFEST, "examples/headwater.yaml")
+
+
+def _compare(current, path, config):
+    expected = json.loads(path.read_text())
     if current != expected:
         import difflib
 
         diff = "\n".join(difflib.unified_diff(json.dumps(expected, indent=1, sort_keys=True).splitlines(),
                                               json.dumps(current, indent=1, sort_keys=True).splitlines(),
-                                              "deploy/manifest/steps.json", "this build", lineterm=""))
-        pytest.fail("the job's steps changed; if on purpose, run `headwater manifest --config examples/headwater.yaml "
+                                              str(path.name), "this build", lineterm=""))
+        pytest.fail(f"the job's steps changed; if on purpose, run `headwater manifest --config {config} "
                     "--write` and add renames of stateful steps to deploy/manifest/name_mapping.json:\n" + diff)
 
 
