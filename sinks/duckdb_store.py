@@ -200,22 +200,13 @@ class DuckDBWarehouse:
         pcol = spec.partition_column if table == spec.name else "_event_time"
         part = (f"date_trunc('{_GRAN[spec.partition_granularity]}', {_q(pcol)})"
                 if pcol in names else "NULL::TIMESTAMP")
-        col_types = "{" + ", ".join(f"{_sql_str(c.name)}: {_sql_str(duck_type(c, for_read=True))}" for c in cols) + "}"
-        select = ", ".join(_q(n) for n in names)
+        read_types = {c.name: duck_type(c, for_read=True) for c in cols}
 
-        def insert(lines: list[dict], order: str = "") -> None:
-            fd, tmp = tempfile.mkstemp(prefix="headwater-", suffix=".jsonl")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(b"\n".join(orjson.dumps(rec) for rec in lines) + b"\n")
-                con.execute(f"INSERT OR IGNORE INTO {_q(table)} ({select}, _partition) "
-                            f"SELECT {select}, {part} AS _partition FROM read_json({_sql_str(tmp)}, columns={col_types}, "
-                            f"format='newline_delimited', maximum_object_size=134217728){order}")
-            finally:
-                os.unlink(tmp)
+        def insert(lines: list[dict], order_by: Optional[str] = None) -> None:
+            _bulk_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by)
 
         try:
-            insert(recs, " ORDER BY _partition")
+            insert(recs, order_by="_partition")
             return []
         except duckdb.Error:
             pass  # one bad row fails the whole statement: find it row by row
@@ -273,19 +264,25 @@ class DuckDBWarehouse:
         return len(recs)
 
 
-def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str]) -> None:
+def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str],
+                 extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None) -> None:
     """INSERT OR IGNORE many records at once through a temporary NDJSON file (DuckDB's executemany
-    is row-at-a-time and was 1,000x slower here: 143 s for 12,000 aggregate rows)."""
-    names = list(read_types)
+    is row-at-a-time and was 1,000x slower here: 143 s for 12,000 aggregate rows).
+
+    ``read_types``: column -> DuckDB type to read it as; ``exprs``: column -> SQL computing the stored
+    value from the read one; ``extra``: further columns computed from the read ones."""
+    extra = extra or {}
+    names = list(read_types) + list(extra)
     col_types = "{" + ", ".join(f"{_sql_str(n)}: {_sql_str(t)}" for n, t in read_types.items()) + "}"
-    select = ", ".join(f"{exprs.get(n, _q(n))} AS {_q(n)}" for n in names)
+    select = ", ".join(f"{exprs.get(n) or extra.get(n) or _q(n)} AS {_q(n)}" for n in names)
+    order = f" ORDER BY {_q(order_by)}" if order_by else ""
     fd, tmp = tempfile.mkstemp(prefix="headwater-", suffix=".jsonl")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(b"\n".join(orjson.dumps(r) for r in recs) + b"\n")
         con.execute(f"INSERT OR IGNORE INTO {_q(table)} ({', '.join(_q(n) for n in names)}) SELECT {select} "
                     f"FROM read_json({_sql_str(tmp)}, columns={col_types}, format='newline_delimited', "
-                    f"maximum_object_size=134217728)")
+                    f"maximum_object_size=134217728){order}")
     finally:
         os.unlink(tmp)
 
