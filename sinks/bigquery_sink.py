@@ -30,6 +30,7 @@ import hashlib
 from typing import Mapping, Optional
 
 import apache_beam as beam
+import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
@@ -41,6 +42,7 @@ from sinks.spec import TableSpec, WarehouseSpec
 __all__ = ["WriteToBigQueryWarehouse"]
 
 _REJECTED = "rejected"
+_KEYED = beam.typehints.KV[str, beam.typehints.Any]  # str keys: a deterministic coder for the batching state
 
 
 def _method(warehouse: WarehouseSpec, bounded: bool) -> str:
@@ -79,7 +81,11 @@ class _WriteBatchFn(beam.DoFn):
         tables = ",".join(f"{wh.project}:{wh.dataset}.{lay.table}" for lay in layouts)
         parts = ",".join(f"{lay.table}={lay.partition_type}({lay.partition_field})" for lay in layouts)
         clus = ";".join(f"{lay.table}=" + ",".join(lay.clustering) for lay in layouts)
+        params = {lay.table: lay.resource_extras(lay.base) | {"clustering": {"fields": list(lay.clustering)}}
+                  for lay in layouts}
         return {
+            "table_parameters": DisplayDataItem(orjson.dumps(params, option=orjson.OPT_SORT_KEYS).decode(),
+                                                label="tables.insert timePartitioning/clustering per table"),
             "bigquery_tables": DisplayDataItem(tables, label="BigQuery tables (children: <table>__<child>)"),
             "bigquery_method": DisplayDataItem(self._method, label="BigQuery write method"),
             "time_partitioning": DisplayDataItem(parts, label="Time partitioning (type(field))"),
@@ -210,12 +216,12 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         args = (wh, self._tables, self._modes, method)
         written = (
             rows
-            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r))
+            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r)).with_output_types(_KEYED)
             | "BatchRows" >> self._batch(rows, size, bounded)
             | "WriteRows" >> beam.ParDo(_WriteBatchFn("rows", *args)).with_outputs(_REJECTED, main="written"))
         agg_written = (
             aggs
-            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a))
+            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a)).with_output_types(_KEYED)
             | "BatchAggregates" >> self._batch(aggs, size, bounded)
             | "WriteAggregates" >> beam.ParDo(_WriteBatchFn("aggregates", *args)).with_outputs(_REJECTED, main="written"))
         sink_dead = ((written[_REJECTED], agg_written[_REJECTED])
@@ -223,7 +229,7 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         _ = (
             (dls, sink_dead)
             | "AllSinkDeadLetters" >> beam.Flatten()
-            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d))
+            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d)).with_output_types(_KEYED)
             | "BatchDeadLetters" >> self._batch(dls, size, bounded)
             | "WriteDeadLetters" >> beam.ParDo(_WriteBatchFn("dead_letters", *args)))
         return sink_dead
