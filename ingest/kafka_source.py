@@ -49,12 +49,12 @@ from typing import Any, Iterator, NamedTuple, Optional
 import apache_beam as beam
 import orjson
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
-from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import RawMessage
+from ingest.unbounded import ManualWatermarks, advance_watermark, nothing, run_later
 from ingest.contract import KafkaSource
 
 __all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
@@ -213,7 +213,7 @@ class _AssignPartitionFn(beam.DoFn):
     """
 
     def process(self, part: KafkaPartition, fin=beam.DoFn.BundleFinalizerParam) -> Iterator[KafkaPartition]:
-        fin.register(_nothing_to_commit)
+        fin.register(nothing)
         yield part
 
 
@@ -246,31 +246,6 @@ class _PartitionRestrictions(RestrictionProvider):
 
     def truncate(self, element, restriction):
         return None  # drain: stop reading, offsets already committed stay committed
-
-
-class _PartitionWatermarks(WatermarkEstimatorProvider):
-    def initial_estimator_state(self, element, restriction):
-        return None
-
-    def create_watermark_estimator(self, estimator_state):
-        return ManualWatermarkEstimator(estimator_state)
-
-
-def _advance(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
-    current = estimator.current_watermark()
-    if current is None or ts > current:
-        estimator.set_watermark(ts)
-
-
-def _nothing_to_commit() -> None:
-    return None
-
-
-def _later(delay_s: float, action) -> None:
-    """Run ``action`` after ``delay_s`` on a daemon timer (a killed job never runs it: replay, not loss)."""
-    timer = threading.Timer(delay_s, action)
-    timer.daemon = True
-    timer.start()
 
 
 class _ReadPartitionFn(beam.DoFn):
@@ -343,7 +318,7 @@ class _ReadPartitionFn(beam.DoFn):
     @beam.DoFn.unbounded_per_element()
     def process(self, part: KafkaPartition, fin=beam.DoFn.BundleFinalizerParam,
                 tracker=beam.DoFn.RestrictionParam(_PartitionRestrictions()),
-                watermark=beam.DoFn.WatermarkEstimatorParam(_PartitionWatermarks())):
+                watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarks())):
         from kafka import TopicPartition
 
         tp = TopicPartition(part.topic, part.partition)
@@ -372,20 +347,20 @@ class _ReadPartitionFn(beam.DoFn):
                 if ts is None:
                     ts = Timestamp.now()
                 yield beam.window.TimestampedValue(msg, ts)
-                _advance(watermark, ts)
+                advance_watermark(watermark, ts)
                 last = record.offset
                 count += 1
             self._positions[key] = last + 1 if last is not None else position
         if last is not None:
             self._records.inc(count)
             commit = partial(self._commit, part.topic, part.partition, last + 1)
-            fin.register(partial(_later, self._commit_delay_s, commit) if self._commit_delay_s else commit)
+            fin.register(partial(run_later, self._commit_delay_s, commit) if self._commit_delay_s else commit)
             tracker.defer_remainder(Duration.of(0))
         else:
             # Prism asks to finalize every bundle of a stage that may need it; a bundle
             # that registered nothing makes the SDK log "not in a finalizable state".
-            fin.register(_nothing_to_commit)
-            _advance(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
+            fin.register(nothing)
+            advance_watermark(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
             tracker.defer_remainder(IDLE_RESUME_DELAY)
 
 

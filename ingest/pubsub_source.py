@@ -33,7 +33,6 @@ event-time check decides whether that is a dead letter).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import datetime
 from functools import partial
@@ -42,12 +41,12 @@ from typing import Any, Iterator, Mapping, Optional
 import apache_beam as beam
 import orjson
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
-from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import RawMessage
+from ingest.unbounded import ManualWatermarks, advance_watermark, nothing, run_later
 from ingest.contract import PubSubSource
 
 __all__ = ["ReadFromPartnerPubSub", "pubsub_raw_message", "attribute_timestamp_us"]
@@ -164,31 +163,6 @@ class _PullRestrictions(RestrictionProvider):
         return None  # drain: stop pulling; unacked messages are redelivered to the next job
 
 
-class _PullWatermarks(WatermarkEstimatorProvider):
-    def initial_estimator_state(self, element, restriction):
-        return None
-
-    def create_watermark_estimator(self, estimator_state):
-        return ManualWatermarkEstimator(estimator_state)
-
-
-def _advance(estimator: ManualWatermarkEstimator, ts: Timestamp) -> None:
-    current = estimator.current_watermark()
-    if current is None or ts > current:
-        estimator.set_watermark(ts)
-
-
-def _nothing_to_ack() -> None:
-    return None
-
-
-def _later(delay_s: float, action) -> None:
-    """Run ``action`` after ``delay_s`` on a daemon timer (a killed job never runs it: redelivery, not loss)."""
-    timer = threading.Timer(delay_s, action)
-    timer.daemon = True
-    timer.start()
-
-
 class _PullFn(beam.DoFn):
     """subscription -> RawMessage, unbounded; acks in the bundle finalizer.
 
@@ -236,7 +210,7 @@ class _PullFn(beam.DoFn):
     @beam.DoFn.unbounded_per_element()
     def process(self, subscription: str, fin=beam.DoFn.BundleFinalizerParam,
                 tracker=beam.DoFn.RestrictionParam(_PullRestrictions()),
-                watermark=beam.DoFn.WatermarkEstimatorParam(_PullWatermarks())):
+                watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarks())):
         # ``fin`` precedes the restriction params: Beam 2.77 binds it positionally otherwise.
         spec = self._spec
         position = tracker.current_restriction().start
@@ -260,7 +234,7 @@ class _PullFn(beam.DoFn):
                 yield beam.window.TimestampedValue(msg, ts)
             self._pulled.inc(len(received))
             if oldest is not None:
-                _advance(watermark, oldest)
+                advance_watermark(watermark, oldest)
         if ack_ids:
             ack = partial(self._ack, subscription, ack_ids)
             if self._ack_delay_s:
@@ -268,13 +242,13 @@ class _PullFn(beam.DoFn):
                 self._client.modify_ack_deadline(request={
                     "subscription": subscription, "ack_ids": ack_ids,
                     "ack_deadline_seconds": int(min(600, self._ack_delay_s + 30))})
-                fin.register(partial(_later, self._ack_delay_s, ack))
+                fin.register(partial(run_later, self._ack_delay_s, ack))
             else:
                 fin.register(ack)
             tracker.defer_remainder(Duration.of(0))
         else:
-            fin.register(_nothing_to_ack)  # Prism finalizes every bundle of this stage
-            _advance(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
+            fin.register(nothing)  # Prism finalizes every bundle of this stage
+            advance_watermark(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
             tracker.defer_remainder(IDLE_RESUME_DELAY)
 
 
@@ -308,7 +282,7 @@ class _EmitSubscription(beam.DoFn):
         self._subscription = subscription
 
     def process(self, _impulse, fin=beam.DoFn.BundleFinalizerParam) -> Iterator[str]:
-        fin.register(_nothing_to_ack)
+        fin.register(nothing)
         yield self._subscription
 
 
