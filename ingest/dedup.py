@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, StrUtf8Coder
+from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer

@@ -18,7 +18,6 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PCollection
 
-from flatten.records import RawMessage
 from ingest.contract import Contract
 from ingest.dedup import DropDuplicateEvents
 from ingest.flatten_step import FlattenEvents

@@ -10,7 +10,6 @@ from typing import Iterator
 
 import apache_beam as beam
 
-from flatten.records import RawMessage
 from ingest.contract import FileSource, KafkaSource, PartnerContract, PubSubSource
 
 __all__ = ["source_labels", "ReadSource"]
