@@ -171,45 +171,18 @@ pub fn write_i64(out: &mut Vec<u8>, i: i64) {
     out.extend_from_slice(i.to_string().as_bytes());
 }
 
-/// orjson's float text (checked against orjson.dumps in tests/flatten/test_native.py).
+/// orjson's float text: ryu's shortest round-trip digits and layout (fixed for 1e-5 <= |x| < 1e16),
+/// with orjson's explicit `+` in positive exponents (checked against orjson.dumps in the tests).
 pub fn write_f64(out: &mut Vec<u8>, f: f64) {
-    if f == 0.0 {
-        out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
-        return;
-    }
-    let s = format!("{:e}", f); // shortest round-trip digits, e.g. "-1.5e-6", "1e16"
-    let epos = s.find('e').unwrap();
-    let exp: i32 = s[epos + 1..].parse().unwrap();
-    let mut mant = &s[..epos];
-    if let Some(m) = mant.strip_prefix('-') {
-        out.push(b'-');
-        mant = m;
-    }
-    let digits: Vec<u8> = mant.bytes().filter(|c| *c != b'.').collect();
-    if exp >= 16 || exp < -5 {
-        out.push(digits[0]);
-        if digits.len() > 1 {
-            out.push(b'.');
-            out.extend_from_slice(&digits[1..]);
+    let mut buf = ryu::Buffer::new();
+    let s = buf.format_finite(f).as_bytes();
+    match s.iter().position(|&c| c == b'e') {
+        Some(p) if s.get(p + 1) != Some(&b'-') => {
+            out.extend_from_slice(&s[..=p]);
+            out.push(b'+');
+            out.extend_from_slice(&s[p + 1..]);
         }
-        out.push(b'e');
-        out.push(if exp >= 0 { b'+' } else { b'-' });
-        out.extend_from_slice(exp.unsigned_abs().to_string().as_bytes());
-    } else if exp >= 0 {
-        let ip = exp as usize + 1;
-        if digits.len() <= ip {
-            out.extend_from_slice(&digits);
-            out.extend(std::iter::repeat(b'0').take(ip - digits.len()));
-            out.extend_from_slice(b".0");
-        } else {
-            out.extend_from_slice(&digits[..ip]);
-            out.push(b'.');
-            out.extend_from_slice(&digits[ip..]);
-        }
-    } else {
-        out.extend_from_slice(b"0.");
-        out.extend(std::iter::repeat(b'0').take((-exp - 1) as usize));
-        out.extend_from_slice(&digits);
+        _ => out.extend_from_slice(s),
     }
 }
 

@@ -1,0 +1,264 @@
+"""Differential tests: the compiled accelerator (native/, ``headwater_native``) against the Python reference.
+
+Guarantee checked here: for every input, the native path returns *byte-identical*
+``orjson.dumps(columns)`` / ``orjson.dumps(types)`` bytes, tables and row ids to
+the Python path (``FastFlattener.rows_python``), or declines (None) — and it
+declines only where documented (flatten/fast.py): when the Python path raises,
+or for negative zero / nesting deeper than 128 levels.
+
+These tests FAIL when the module is not built (``./hw`` builds it); set
+``HEADWATER_NO_NATIVE=1`` to skip them explicitly on a machine without Rust.
+"""
+import json
+import os
+import random
+import re
+import struct
+import sys
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flatten import fast
+from flatten.core import Flattener
+from flatten.infer import parse_timestamp
+from flatten.mask import DEV_KEY
+from flatten.options import ColumnAnnotation, FlattenOptions
+from tests.flatten.test_properties import TRICKY_KEYS, deep_values, json_values, keys, large_arrays
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from flatten_bench import ANNOTATIONS, reference_event  # noqa: E402
+
+if os.environ.get("HEADWATER_NO_NATIVE") == "1":
+    pytest.skip("HEADWATER_NO_NATIVE=1: native accelerator disabled explicitly", allow_module_level=True)
+
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+ET = 1_767_323_045_123_456
+
+
+def test_native_module_is_built():
+    assert fast.native_available(), (
+        f"headwater_native is not importable ({fast.native_import_error()}): run ./hw (installs native/) "
+        "or `pip install ./native`; HEADWATER_NO_NATIVE=1 skips these tests")
+
+
+native = fast._native  # None when not built: every test below then fails too
+
+
+# ------------------------------------------------------------------ helpers
+
+NEG_ZERO = re.compile(rb"-0(\.0*)?([eE][-+]?[0-9]+)?(?![0-9.eE])")
+
+
+def _neg_zero_or_deep(v, depth=0):
+    if depth > 120:
+        return True
+    if type(v) is float:
+        return v == 0.0 and str(v).startswith("-")
+    if type(v) is dict:
+        return any(_neg_zero_or_deep(x, depth + 1) for x in v.values())
+    if type(v) is list:
+        return any(_neg_zero_or_deep(x, depth + 1) for x in v)
+    return False
+
+
+def check(ff, payload: bytes, mask: bool, event_id="evt-1", user_id="user-1", et=ET):
+    """Native vs Python on one payload; returns the native rows (None if declined)."""
+    try:
+        want = ff.rows_python(payload, event_id, user_id, et, mask=mask)
+        err = None
+    except Exception as exc:  # noqa: BLE001 - any Python-path error must make native decline
+        want, err = None, exc
+    got = ff._nf.process(payload, event_id, user_id, et, mask)
+    if err is not None:
+        assert got is None, f"python raised {err!r} but native produced rows"
+        return None
+    if got is None:
+        doc = orjson.loads(payload)
+        assert NEG_ZERO.search(payload) or _neg_zero_or_deep(doc), f"undocumented decline: {ff.stats()['declined']}"
+        return None
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g[0] == w[0] and g[1] == w[1]
+        assert g[2] == w[2], f"columns differ:\n native {g[2][:2000]!r}\n python {w[2][:2000]!r}"
+        assert g[3] == w[3], f"types differ:\n native {g[3]!r}\n python {w[3]!r}"
+    return got
+
+
+# ------------------------------------------------------------------ building blocks
+
+EDGE_FLOATS = [0.0, -1.5, 1.0, 0.1, 0.3, 1e-5, 9.99999e-6, 1e-6, 1e-7, 2.5e-7, 1e15, 9999999999999998.0, 1e16, 1.5e16,
+               1e21, 1e22, 123456789012345.6, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308, 123.456e-300,
+               float(2**53), float(2**64), -1e-300, 0.00001234, 100.0]
+
+
+def test_float_text_matches_orjson():
+    rng = random.Random(7)
+    vals = EDGE_FLOATS + [struct.unpack("<d", struct.pack("<Q", rng.getrandbits(64)))[0] for _ in range(20000)]
+    vals += [rng.uniform(-1e6, 1e6) for _ in range(5000)] + [10.0 ** e * rng.random() for e in range(-30, 30) for _ in range(20)]
+    for v in vals:
+        if v != v or v in (float("inf"), float("-inf")):
+            continue
+        assert native._format_float(v) == orjson.dumps(v).decode(), v
+
+
+@SETTINGS
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float_text_matches_orjson_hypothesis(v):
+    assert native._format_float(v) == orjson.dumps(v).decode()
+
+
+ts_like = st.one_of(
+    st.from_regex(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]{0,8})?)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?\Z"),
+    st.sampled_from(["2026-02-29", "2024-02-29", "0000-01-01", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z",
+                     "2026-03-01T24:00:00Z", "2026-03-01T12:34:60Z", "2026-03-01T12:34:56.Z", "2026-13-01T00:00:00Z"]),
+)
+
+
+@SETTINGS
+@given(ts_like)
+def test_timestamp_fast_path_matches_python(s):
+    fast_r = native._parse_timestamp_fast(s)
+    if fast_r is not None:  # None means "ask Python", which is then exact by construction
+        assert fast_r == parse_timestamp(s)
+
+
+@SETTINGS
+@given(st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_event_time_matches_python(us):
+    fl = Flattener(FlattenOptions())
+    try:
+        want = fl._event_time(us)
+    except Exception:  # noqa: BLE001
+        want = None
+    assert native._event_time(us) == want
+
+
+# ------------------------------------------------------------------ whole documents
+
+POLICIES = ["hash", "tokenize", "redact", "drop"]
+path_seg = st.one_of(st.sampled_from(["a", "A", "user", "e-mail", "x", "items", "*", "名前", "SSN"]),
+                     st.sampled_from(TRICKY_KEYS[:12]).filter(lambda k: k.strip(" .") == k and k and "." not in k))
+annotation = st.builds(
+    lambda segs, arr, pii, kl: ColumnAnnotation(path=".".join(s + ("[]" if a else "") for s, a in zip(segs, arr)),
+                                                pii=pii, keep_last=kl),
+    st.lists(path_seg, min_size=1, max_size=3), st.lists(st.booleans(), min_size=3, max_size=3),
+    st.sampled_from(POLICIES), st.integers(0, 16))
+maskable = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=12), st.sampled_from([" MiXeD@Example.COM ", "Ünïcode ß", "123-45-6789", "\x1f pad \x0b"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.sampled_from(["a", "A", "user", "e_mail", "E-Mail", "x", "items", "ssn",
+                                                             "名前"]), inner, max_size=5)),
+    max_leaves=20)
+documents = st.dictionaries(keys, st.one_of(json_values, deep_values(), large_arrays, maskable), max_size=8)
+options = st.builds(FlattenOptions, max_depth=st.integers(1, 64), scalar_arrays=st.sampled_from(["repeated", "child"]),
+                    detect_timestamps=st.booleans())
+
+
+def encode(doc, style: int) -> bytes:
+    """Payload bytes: orjson when it can (ints <= 64 bits), else stdlib json (ASCII-escaped or not)."""
+    if style == 0:
+        try:
+            return orjson.dumps(doc)
+        except orjson.JSONEncodeError:
+            pass
+    return json.dumps(doc, ensure_ascii=style == 1).encode()
+
+
+@SETTINGS
+@given(doc=documents, opts=options, anns=st.lists(annotation, max_size=4), style=st.integers(0, 2),
+       event_id=st.sampled_from(["evt-1", "é\x1f名", ""]))
+def test_native_equals_python_on_arbitrary_documents(doc, opts, anns, style, event_id):
+    ff = fast.FastFlattener(opts, anns, DEV_KEY, use_native=True)
+    assert ff.native
+    payload = encode(doc, style)
+    check(ff, payload, mask=False, event_id=event_id)
+    check(ff, payload, mask=True, event_id=event_id)
+    check(ff, payload, mask=True, event_id=event_id)  # warm caches give the same answer
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"a":1,"b":2,"a":3}', b' {"a" : [1 , 2.5, -0 ]} ', b'{"a":-0.0}', b'{"a":1e400}', b'{"a":"\\ud800"}',
+    b'{"a":"\\ud83d\\ude00 \\u0000 \\"q\\" \\\\ \\/ \\b\\f\\n\\r\\t\x7f"}', b"[1,2]", b'"x"', b"{", b'{"a":1}x',
+    b'{"a":18446744073709551615,"b":18446744073709551616,"c":-9223372036854775808,"d":-9223372036854775809}',
+    b'{"n":[1,18446744073709551615],"m":[1,2.0],"o":[true,1],"p":[[1],[2]],"q":[null,null],"r":[{"x":1},null,{}]}',
+    b'{"t":["2026-01-01","2026-01-02T00:00:00Z"],"u":["2026-01-01T00:00:00+01:00","2026-01-02T00:00:00.5Z"]}',
+    b'{"deep":' + b'[' * 200 + b']' * 200 + b'}', b'{"k":' + b'{"k":' * 130 + b'1' + b'}' * 131,
+    b'{"A":1,"a":2,"User Name":3,"user_name":4,"USER-NAME":5,"' + b"x" * 400 + b'":6}', b"{}",
+    b'{"\xc3\xa9":{"\xe5\x90\x8d":[{"v_string":1,"":2,"_":3}]}}', b'{"bad utf8":"\xff"}',
+])
+@pytest.mark.parametrize("opts", [FlattenOptions(), FlattenOptions(max_depth=2, scalar_arrays="child"),
+                                  FlattenOptions(max_depth=1, detect_timestamps=False)])
+def test_native_equals_python_on_edge_payloads(payload, opts):
+    ff = fast.FastFlattener(opts, ANNOTATIONS + (ColumnAnnotation(path="*.k", pii="hash"),), DEV_KEY, use_native=True)
+    check(ff, payload, mask=False)
+    check(ff, payload, mask=True)
+
+
+@pytest.mark.parametrize("et", [0, -1, 1, 253402300799999999, 253402300800000000, -62135596800000000,
+                                -62135596800000001])
+def test_event_time_range_and_declines(et):
+    ff = fast.FastFlattener(FlattenOptions(), use_native=True)
+    check(ff, b'{"a":{"b":[{"c":1}]}}', mask=False, et=et)
+    assert ff._nf.process(b"{}", "e", "u", True, False) is None  # bool is not an int event time: Python raises
+    assert ff._nf.process(b"{}", 1, "u", 0, False) is None  # non-str id: Python decides
+
+
+def test_reference_events_and_fused_envelope():
+    """The benchmark's events: rows identical, and the fused envelope entry point agrees with the bench's Python path."""
+    from datetime import datetime
+
+    ff = fast.FastFlattener(FlattenOptions(), ANNOTATIONS, DEV_KEY, use_native=True)
+    for i in range(300):
+        payload = orjson.dumps(reference_event(i))
+        check(ff, payload, mask=True, event_id=f"evt-{i}", et=ET + i * 7_919_000)
+        eid, uid, us, rows = ff.native_event(payload, "id", "user.id", "timestamp")
+        doc = ff.masker.mask_doc(orjson.loads(payload))
+        et = datetime.fromisoformat(doc["timestamp"]) - datetime.fromisoformat("1970-01-01T00:00:00Z")
+        assert (eid, uid) == (doc["id"], doc["user"]["id"])
+        assert us == (et.days * 86_400 + et.seconds) * 1_000_000 + et.microseconds
+        assert rows == ff.rows_python(payload, eid, uid, us, mask=True)
+    assert ff.native_event(b'{"id":"x","user":{"id":"u"},"timestamp":"yesterday"}', "id", "user.id", "timestamp") is None
+    s = ff.stats()
+    assert s["native_events"] == 600 and s["declined"] == {"envelope": 1}
+
+
+def test_synthetic_demo_events():
+    """deploy/synth.py's partners with the example contract's annotations (timestamp_columns dropped, see below)."""
+    from deploy.synth import acme_event, nimbus_record, orbit_event
+    from ingest.contract import load_contract
+
+    contract = load_contract(os.path.join(ROOT, "examples", "headwater.yaml"))
+    rng = random.Random(3)
+    gens = {"acme_bank": acme_event, "orbit_retail": orbit_event}
+    for p in contract.partners:
+        gen = gens.get(p.name, nimbus_record)
+        opts = p.flatten.model_copy(update={"timestamp_columns": (), "no_timestamp_columns": ()})
+        ff = fast.FastFlattener(opts, p.columns, DEV_KEY, use_native=True)
+        assert ff.native
+        for i in range(200):
+            payload = orjson.dumps(gen(i, rng))
+            check(ff, payload, mask=True, event_id=f"{p.name}-{i}")
+            check(ff, payload, mask=False, event_id=f"{p.name}-{i}")
+        assert ff.stats()["declined"] == {}
+        if p.flatten.timestamp_columns or p.flatten.no_timestamp_columns:
+            # per-column timestamp overrides are not ported: the whole partner takes the Python path
+            assert not fast.FastFlattener(p.flatten, p.columns, DEV_KEY, use_native=True).native
+
+
+def test_rows_api_and_fallback_counts(monkeypatch):
+    ff = fast.FastFlattener(FlattenOptions(), use_native=True)
+    assert ff.rows(b'{"a":1}', "e", "u", 0) == ff.rows_python(b'{"a":1}', "e", "u", 0)
+    with pytest.raises(orjson.JSONDecodeError):
+        ff.rows(b"{", "e", "u", 0)
+    assert ff.rows(b'{"a":-0}', "e", "u", 0)[0][2] == b'{"_event_id":"e","_user_id":"u","_event_time":' \
+                                                      b'"1970-01-01T00:00:00.000000Z","a":0}'
+    s = ff.stats()
+    assert s["native_events"] == 1 and s["declined"] == {"parse": 2} and s["python_events"] == 3
+    monkeypatch.setenv("HEADWATER_NO_NATIVE", "1")
+    assert not fast.FastFlattener(FlattenOptions()).native
