@@ -13,6 +13,12 @@ Contenders, each over the same pre-serialised ~1 KB, 4-level reference events
 * ``headwater``: ``orjson.loads`` + envelope read (id, user id, ISO event time)
   + ``Masker.mask_doc`` (4 annotations: hash, tokenize, redact, drop) +
   ``Flattener.flatten`` (main row + child rows, types, timestamps, child ids).
+* ``headwater_native``: the same work (parse + mask + envelope + flatten, plus
+  the ``orjson.dumps`` of every row's columns and types, which the pipeline
+  does and the ``headwater`` contender skips) through ``flatten.fast`` and the
+  compiled accelerator (``native/``): ``FastFlattener.native_event``, falling
+  back per event to the Python path when it declines. Skipped (with a note)
+  when ``headwater_native`` is not built.
 * ``pandas_json_normalize_batch``: ``orjson.loads`` + ``pandas.json_normalize``
   on batches of 1,000 parsed events (``sep="__"``). Generous to pandas: it is
   amortised over a batch, does not explode arrays into child tables (lists stay
@@ -47,6 +53,7 @@ import orjson
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from flatten import fast  # noqa: E402
 from flatten.core import Flattener  # noqa: E402
 from flatten.mask import DEV_KEY, Masker  # noqa: E402
 from flatten.options import ColumnAnnotation, FlattenOptions  # noqa: E402
@@ -120,6 +127,24 @@ def make_headwater() -> Callable[[list[bytes]], None]:
                     event_time_us=(et.days * 86_400 + et.seconds) * 1_000_000 + et.microseconds)
 
     return run
+
+
+def make_native() -> tuple[Callable[[list[bytes]], None], fast.FastFlattener]:
+    """parse + mask + envelope + flatten + row JSON, native with a per-event Python fallback."""
+    ff = fast.FastFlattener(FlattenOptions(), ANNOTATIONS, DEV_KEY)
+    native_event = ff.native_event
+    fromiso = datetime.fromisoformat
+    epoch = fromiso("1970-01-01T00:00:00Z")
+
+    def run(payloads: list[bytes]) -> None:
+        for p in payloads:
+            if native_event(p, "id", "user.id", "timestamp") is None:  # declined: the Python path
+                doc = ff.masker.mask_doc(orjson.loads(p))
+                et = fromiso(doc["timestamp"]) - epoch
+                ff.rows_python(p, doc["id"], doc["user"]["id"],
+                               (et.days * 86_400 + et.seconds) * 1_000_000 + et.microseconds, mask=True)
+
+    return run, ff
 
 
 def make_parse_mask() -> Callable[[list[bytes]], None]:
@@ -203,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         ("headwater_parse_mask_only", make_parse_mask(), payloads),
         ("headwater", make_headwater(), payloads),
     ]
+    native_ff = None
+    if fast.native_available():
+        run_native, native_ff = make_native()
+        contenders.append(("headwater_native", run_native, payloads))
+    else:
+        print(f"headwater_native: not built ({fast.native_import_error()}); `pip install ./native` or ./hw")
     if not args.skip_peers:
         contenders += [
             ("pandas_json_normalize_batch", make_pandas_batch(), payloads),
@@ -219,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         "headwater >= 80,000 events/s": hw >= 80_000,
         "headwater >= 40% of parse-alone": hw >= 0.4 * base,
     }
+    if native_ff is not None:
+        nat = results["headwater_native"]
+        checks["headwater_native >= 80,000 events/s"] = nat >= 80_000
+        checks["headwater_native >= 40% of parse-alone"] = nat >= 0.4 * base
+        checks[f"headwater_native events handled natively ({native_ff.stats()['declined'] or 'no declines'})"] = \
+            not native_ff.stats()["declined"]
     for peer in ("pandas_json_normalize_batch", "pandas_json_normalize_per_event", "dlt_relational"):
         if peer in results:
             checks[f"headwater faster than {peer} ({hw / results[peer]:.1f}x)"] = hw > results[peer]

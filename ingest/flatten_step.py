@@ -9,7 +9,8 @@ import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 
-from flatten.core import FlattenError, Flattener
+from flatten.core import FlattenError
+from flatten.fast import FastFlattener
 from flatten.records import AggregateInput, DeadLetter, Event, Reason, TableRow
 from ingest.contract import Contract
 from ingest.envelope import payload_ref
@@ -35,20 +36,23 @@ class _FlattenFn(beam.DoFn):
         self._rows = Metrics.counter("headwater", "rows_flattened")
         self._dead = Metrics.counter("headwater", "dead_letters_flatten")
         self._nokey = Metrics.counter("headwater", "aggregate_key_missing")
+        self._py_events = Metrics.counter("headwater", "flatten_python_path_events")
 
     def setup(self) -> None:
         # Compile once per worker: one flattener per partner, plus the aggregate plans.
         self._plans: dict[str, Any] = {}
         for p in self._contract.partners:
             aggs = [(a.name, a.key, _metric_columns(a)) for a in p.aggregates]
-            self._plans[p.name] = (Flattener(p.flatten), p.table.name, aggs)
+            # native (native/) when built and supported, else the Python flattener; identical rows
+            self._plans[p.name] = (FastFlattener(p.flatten), p.table.name, aggs)
 
     def process(self, event: Event):
         flattener, table, aggs = self._plans[event.partner]
         try:
-            doc = orjson.loads(event.doc)
-            rows = flattener.flatten(doc, event_id=event.event_id, user_id=event.user_id,
-                                     event_time_us=event.event_time_us)
+            before = flattener.python_events
+            rows = flattener.rows(event.doc, event.event_id, event.user_id, event.event_time_us)
+            if flattener.python_events != before:
+                self._py_events.inc()
         except (FlattenError, RecursionError, ValueError, TypeError) as exc:
             self._dead.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
@@ -58,14 +62,13 @@ class _FlattenFn(beam.DoFn):
                 message=(f"{exc.reason}: " if isinstance(exc, FlattenError) else "") + str(exc)[:1000], step=self._step,
                 event_time_us=event.event_time_us, processing_time_us=int(time.time() * 1_000_000)))
             return
-        for r in rows:
+        for sub, row_id, cols, types in rows:  # columns/types are orjson bytes already
             self._rows.inc()
             yield TableRow(
-                partner=event.partner, table=table if not r.table else f"{table}__{r.table}", row_id=r.row_id,
-                event_id=event.event_id, event_time_us=event.event_time_us,
-                row=orjson.dumps(r.columns), types=orjson.dumps(r.types))
+                partner=event.partner, table=table if not sub else f"{table}__{sub}", row_id=row_id,
+                event_id=event.event_id, event_time_us=event.event_time_us, row=cols, types=types)
         if aggs:
-            main = rows[0].columns
+            main = orjson.loads(rows[0][2])
             ts = event.event_time_us / 1_000_000
             for name, key_col, cols in aggs:
                 key = event.user_id if key_col == "user_id" else main.get(key_col)
