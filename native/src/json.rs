@@ -67,14 +67,14 @@ impl<'de> Visitor<'de> for VVisitor {
         Ok(V::Null)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<V<'de>, A::Error> {
-        let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0));
+        let mut v = Vec::with_capacity(a.size_hint().unwrap_or(4));
         while let Some(x) = a.next_element::<V<'de>>()? {
             v.push(x);
         }
         Ok(V::Arr(v))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<V<'de>, A::Error> {
-        let mut v: Vec<(Cow<'de, str>, V<'de>)> = Vec::new();
+        let mut v: Vec<(Cow<'de, str>, V<'de>)> = Vec::with_capacity(8);
         let mut idx: Option<FxHashMap<String, usize>> = None;
         while let Some(Key(k)) = a.next_key::<Key<'de>>()? {
             let val: V<'de> = a.next_value()?;
@@ -131,19 +131,51 @@ impl<'de> Deserialize<'de> for Key<'de> {
 
 /// Parse a whole payload; None when serde_json rejects it (the caller falls back to Python).
 pub fn parse(b: &[u8]) -> Option<V<'_>> {
-    serde_json::from_slice::<V>(b).ok()
+    // validate UTF-8 once, then parse from &str (no per-string re-validation)
+    serde_json::from_str::<V>(std::str::from_utf8(b).ok()?).ok()
 }
 
 // ------------------------------------------------------------------ writer
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+#[inline]
+fn esc_in_word(x: u64) -> bool {
+    // SWAR: any byte < 0x20, == '"' or == '\\' (bytes >= 0x80 never flag)
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let lt = x.wrapping_sub(LO * 0x20) & !x & HI;
+    let q = x ^ (LO * 0x22);
+    let bs = x ^ (LO * 0x5c);
+    (lt | (q.wrapping_sub(LO) & !q & HI) | (bs.wrapping_sub(LO) & !bs & HI)) != 0
+}
+
+#[inline]
+fn needs_esc(c: u8) -> bool {
+    c < 0x20 || c == b'"' || c == b'\\'
+}
+
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let b = s.as_bytes();
+    let n = b.len();
     let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if c >= 0x20 && c != b'"' && c != b'\\' {
+    let mut i = 0;
+    loop {
+        while i + 8 <= n && !esc_in_word(u64::from_le_bytes(b[i..i + 8].try_into().unwrap())) {
+            i += 8;
+        }
+        while i < n && !needs_esc(b[i]) {
+            i += 1;
+            if i % 8 == 0 {
+                break;
+            }
+        }
+        if i >= n {
+            break;
+        }
+        let c = b[i];
+        if !needs_esc(c) {
             continue;
         }
         out.extend_from_slice(&b[start..i]);
@@ -161,7 +193,8 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
                 out.push(HEX[(c & 15) as usize]);
             }
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
     out.extend_from_slice(&b[start..]);
     out.push(b'"');

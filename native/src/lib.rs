@@ -115,11 +115,16 @@ impl OutRow {
             self.types.push(b',');
         }
         self.n += 1;
-        write_str(&mut self.cols, name);
-        self.cols.push(b':');
-        write_str(&mut self.types, name);
-        self.types.push(b':');
-        write_str(&mut self.types, ty);
+        // column names are [a-z0-9_] by construction (flatten.names) and types are constants: no escaping
+        debug_assert!(name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+        self.cols.push(b'"');
+        self.cols.extend_from_slice(name.as_bytes());
+        self.cols.extend_from_slice(b"\":");
+        self.types.push(b'"');
+        self.types.extend_from_slice(name.as_bytes());
+        self.types.extend_from_slice(b"\":\"");
+        self.types.extend_from_slice(ty.as_bytes());
+        self.types.push(b'"');
     }
 }
 
@@ -161,6 +166,7 @@ struct NativeFlattener {
     hash_mac: HmacSha256,
     tok_mac: HmacSha256,
     et_cache: (i64, String),
+    table_str: FxHashMap<Rc<str>, Py<PyString>>,
     native_events: u64,
     declines: FxHashMap<&'static str, u64>,
 }
@@ -220,6 +226,7 @@ impl NativeFlattener {
             hash_mac: derive(b"headwater/hash/v1")?,
             tok_mac: derive(b"headwater/tokenize/v1")?,
             et_cache: (i64::MIN, String::new()),
+            table_str: FxHashMap::default(),
             native_events: 0,
             declines: FxHashMap::default(),
         })
@@ -353,10 +360,16 @@ impl NativeFlattener {
                 self.native_events += 1;
                 let mut items = Vec::with_capacity(rows.len());
                 for r in rows {
+                    if !self.table_str.contains_key(&r.table) {
+                        if self.table_str.len() > 4096 {
+                            self.table_str.clear();
+                        }
+                        self.table_str.insert(r.table.clone(), PyString::new(py, &r.table).unbind());
+                    }
                     items.push(PyTuple::new(
                         py,
                         [
-                            PyString::new(py, &r.table).into_any(),
+                            self.table_str[&r.table].bind(py).clone().into_any(),
                             PyString::new(py, &r.row_id).into_any(),
                             PyBytes::new(py, &r.cols).into_any(),
                             PyBytes::new(py, &r.types).into_any(),
@@ -388,27 +401,28 @@ impl NativeFlattener {
     }
 
     /// Column names for an object's keys at `site` (`Flattener._names`): resolve_keys + join_name, cached per shape.
-    fn names(&mut self, py: Python<'_>, site: usize, keys: &[&str]) -> R<Rc<[String]>> {
+    fn names<'k, I: Iterator<Item = &'k str> + Clone>(&mut self, py: Python<'_>, site: usize, it: I, n: usize) -> R<Rc<[String]>> {
         let mut h = FxHasher::default();
-        for k in keys {
+        for k in it.clone() {
             h.write(k.as_bytes());
             h.write_u8(0xff);
         }
         let hv = h.finish();
         if let Some(list) = self.sites[site].shapes.get(&hv) {
             for (ks, names) in list {
-                if ks.len() == keys.len() && ks.iter().zip(keys).all(|(a, b)| **a == **b) {
+                if ks.len() == n && ks.iter().zip(it.clone()).all(|(a, b)| **a == *b) {
                     return Ok(names.clone());
                 }
             }
         }
+        let keys: Vec<&str> = it.collect();
         let mut segs: Vec<String> = Vec::with_capacity(keys.len());
-        for k in keys {
+        for k in &keys {
             segs.push(self.normalize(py, k)?.to_string());
         }
         let uniq: FxHashSet<&str> = segs.iter().map(|s| s.as_str()).collect();
         if uniq.len() != segs.len() {
-            resolve_collisions(keys, &mut segs);
+            resolve_collisions(&keys, &mut segs);
         }
         let s = &mut self.sites[site];
         let names: Rc<[String]> = segs.iter().map(|g| join_name(&s.prefix, g)).collect::<Vec<_>>().into();
@@ -510,8 +524,7 @@ impl NativeFlattener {
     }
 
     fn walk(&mut self, py: Python<'_>, obj: &[(Cow<str>, V)], site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
-        let keys: Vec<&str> = obj.iter().map(|(k, _)| &**k).collect();
-        let names = self.names(py, site, &keys)?;
+        let names = self.names(py, site, obj.iter().map(|(k, _)| &**k), obj.len())?;
         for (name, (_, v)) in names.iter().zip(obj) {
             self.value(py, name, v, site, row, row_id, ctx)?;
         }
@@ -689,7 +702,7 @@ impl NativeFlattener {
         h0.update(b"\x1f");
         h0.update(child.as_bytes());
         h0.update(b"\x1f");
-        let value_names = if scalar { Some(self.names(py, es, &["value"])?) } else { None };
+        let value_names = if scalar { Some(self.names(py, es, ["value"].into_iter(), 1)?) } else { None };
         for (i, el) in a.iter().enumerate() {
             if matches!(el, V::Null) {
                 continue;
