@@ -81,3 +81,25 @@ def test_stream_and_backfill_give_equal_final_aggregates():
                 abs(value - ref[kw][name]) < 1e-9, (kw, name)
     # the backfill emits no processing-time panes, only closes and finals: fewer rows
     assert len(SINK["backfill"]) < len(SINK["stream"])
+
+
+def test_grouped_fold_equals_the_stateful_bounded_variant():
+    """Backfills fold each key's events after a GroupByKey; the stateful DoFn on the same bounded input
+    must produce exactly the same rows (values, versions, finals) and dead letters."""
+    events = _events(n_users=25, n_events=400, seed=11)
+    events.append(("u1", 30 * MIN, 10_000, {"amount": "not a number", "sku": "s1", "plan": "pro"}))
+    SINK.clear()
+    for name, fold in (("fold", True), ("stateful", False)):
+        with beam.Pipeline(options=PipelineOptions(runner="DirectRunner")) as p:
+            out = bounded(p, [inp(k, t, i, **v) for k, t, i, v in events]) | "Aggregate" >> ComputeAggregates(
+                SPECS, fold_bounded=fold)
+            _ = out.aggregates | "Plain" >> beam.Map(plain) | "Collect" >> beam.ParDo(Collect(name))
+            _ = out.dead_letter | "DLReason" >> beam.Map(_dl_key) | "CollectDL" >> beam.ParDo(Collect(name + "_dl"))
+    assert sorted(map(repr, SINK["fold"])) == sorted(map(repr, SINK["stateful"]))
+    assert len(SINK["fold"]) > 2 * 25
+    # one dead letter per metric that cannot use the value (sum, min, max, avg of amount)
+    assert sorted(SINK["fold_dl"]) == sorted(SINK["stateful_dl"]) == [("type_conflict", "activity:u1#e010000")] * 4
+
+
+def _dl_key(d):
+    return d.reason, d.coords
