@@ -11,6 +11,7 @@ the live stream did for the same events.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Mapping, NamedTuple, Optional, Sequence
 
@@ -109,7 +110,7 @@ class WriteWarehouse(beam.PTransform):
         if c.warehouse.kind == "bigquery":
             from sinks.bigquery_sink import WriteToBigQueryWarehouse
 
-            return pcolls | "BigQuery" >> WriteToBigQueryWarehouse(c.warehouse, tables)
+            return pcolls | "BigQuery" >> WriteToBigQueryWarehouse(c.warehouse, tables, modes)
         from sinks.duckdb_sink import WriteToDuckDB
 
         return pcolls | "DuckDB" >> WriteToDuckDB(c.warehouse, tables, modes)
@@ -124,7 +125,13 @@ def build(p: beam.Pipeline, contract: Contract, **kwargs) -> HeadwaterOutputs:
 
 def pipeline_options(contract: Contract, beam_argv: Sequence[str]) -> PipelineOptions:
     """Beam options for this contract: the user's argv plus headwater's defaults for the local runners."""
+    from ingest.objectstore import objectstore_options, s3_endpoint
+
     argv = list(beam_argv)
+    if s3_endpoint(os.environ):
+        # A local S3 server (AWS_ENDPOINT_URL...): pass it and its keys to Beam's S3 filesystem. Only then:
+        # pipeline options are shown on Dataflow's job page, so real keys never travel this way.
+        argv += objectstore_options(argv=tuple(argv))
     has_runner = any(a == "--runner" or a.startswith("--runner=") for a in argv)
     if contract.streaming:
         from ingest.runner import runner_options
@@ -163,7 +170,10 @@ def _configure_local_state_cache(argv: Sequence[str]) -> None:
 
 def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     """Build and run the job. Returns the PipelineResult (finished when ``wait``)."""
+    from ingest.objectstore import configure_gcs_emulator
+
     _configure_local_state_cache(beam_argv)
+    configure_gcs_emulator()  # only when STORAGE_EMULATOR_HOST is set: local gs:// without a credential hunt
     p = beam.Pipeline(options=pipeline_options(contract, beam_argv))
     build(p, contract)
     result = p.run()
