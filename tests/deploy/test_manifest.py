@@ -50,11 +50,11 @@ def test_no_step_is_named_after_a_line_number_or_lambda(current):
         assert "<lambda" not in name and ".py:" not in name, name
 
 
-def test_stateful_steps_are_recorded_with_state_and_timers(current):
-    assert current["stateful"], "expected the dedup and aggregate steps"
-    names = " ".join(current["stateful"])
+def test_stateful_steps_are_recorded_with_state_and_timers(streaming):
+    assert streaming["stateful"], "expected the dedup and aggregate steps"
+    names = " ".join(streaming["stateful"])
     assert "DropDuplicateEvents" in names and "ComputeAggregates" in names
-    for spec in current["stateful"].values():
+    for spec in streaming["stateful"].values():
         assert spec["input_coder"] and (spec["state"] or spec["timers"])
 
 
