@@ -16,8 +16,10 @@ event, which then takes the Python path. What declines (counted in
 * non-object documents, event ids/user ids that are not ``str``, event times
   that are not ``int`` or out of range, more than 10,000 columns (Python then
   raises the :class:`~flatten.core.FlattenError`);
-* partners with ``timestamp_columns`` / ``no_timestamp_columns``: the whole
-  partner uses Python (``native`` is False for it).
+
+Per-column timestamp options (``timestamp_columns`` / ``no_timestamp_columns``)
+are supported: for those columns the native side calls the Python
+``Flattener._percol_scalar`` itself.
 
 Set ``HEADWATER_NO_NATIVE=1`` to force the Python path everywhere.
 """
@@ -99,13 +101,22 @@ class FastFlattener:
         self.flattener = Flattener(options)
         self.masker = Masker(annotations, key) if annotations else None
         want = native_available() if use_native is None else (use_native and _native is not None)
-        supported = not options.timestamp_columns and not options.no_timestamp_columns
         self._nf: Any = None
-        if want and supported:
+        if want:
+            percol = None
+            if options.timestamp_columns or options.no_timestamp_columns:
+                percol_scalar = self.flattener._percol_scalar
+
+                def percol(v: Any, name: str, table: str) -> Optional[tuple]:
+                    cols: dict = {}
+                    types: dict = {}
+                    return (cols[name], types[name]) if percol_scalar(v, name, table, cols, types) else None
+
             self._nf = _native.NativeFlattener(
                 options.max_depth, options.scalar_arrays == "child", options.detect_timestamps,
                 _mask_tree(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
-                normalize_key, parse_timestamp, _canonical_bytes)
+                normalize_key, parse_timestamp, _canonical_bytes,
+                list(options.timestamp_columns), list(options.no_timestamp_columns), percol)
         self.python_events = 0
 
     @property

@@ -167,6 +167,9 @@ struct NativeFlattener {
     tok_mac: HmacSha256,
     et_cache: (i64, String),
     table_str: FxHashMap<Rc<str>, Py<PyString>>,
+    ts_cols: FxHashSet<String>,
+    no_ts_cols: FxHashSet<String>,
+    percol_scalar: Option<PyObject>,
     native_events: u64,
     declines: FxHashMap<&'static str, u64>,
 }
@@ -176,7 +179,10 @@ impl NativeFlattener {
     /// `mask_nodes`: the Masker's annotation tree, node 0 the root:
     /// `[(keys {normalised name: node index}, star index or -1, items index or -1, policy or None, keep_last)]`.
     #[new]
-    #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_nodes, mask_key, normalize_key, parse_timestamp, canonical_bytes))]
+    /// `timestamp_columns`/`no_timestamp_columns` as in FlattenOptions; for those columns scalar values are
+    /// decided by `percol_scalar(value, name, table) -> (value, type) | None` (the Python Flattener's own rule).
+    #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_nodes, mask_key, normalize_key, parse_timestamp,
+                        canonical_bytes, timestamp_columns=Vec::new(), no_timestamp_columns=Vec::new(), percol_scalar=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         max_depth: u32,
@@ -187,7 +193,13 @@ impl NativeFlattener {
         normalize_key: PyObject,
         parse_timestamp: PyObject,
         canonical_bytes: PyObject,
+        timestamp_columns: Vec<String>,
+        no_timestamp_columns: Vec<String>,
+        percol_scalar: Option<PyObject>,
     ) -> PyResult<Self> {
+        if (!timestamp_columns.is_empty() || !no_timestamp_columns.is_empty()) && percol_scalar.is_none() {
+            return Err(PyValueError::new_err("per-column timestamp options need percol_scalar"));
+        }
         let mut nodes = Vec::with_capacity(mask_nodes.len());
         for (keys, star, items, policy, keep_last) in mask_nodes {
             let policy = match policy.as_deref() {
@@ -227,6 +239,9 @@ impl NativeFlattener {
             tok_mac: derive(b"headwater/tokenize/v1")?,
             et_cache: (i64::MIN, String::new()),
             table_str: FxHashMap::default(),
+            ts_cols: timestamp_columns.into_iter().collect(),
+            no_ts_cols: no_timestamp_columns.into_iter().collect(),
+            percol_scalar,
             native_events: 0,
             declines: FxHashMap::default(),
         })
@@ -487,6 +502,33 @@ impl NativeFlattener {
         }
     }
 
+    /// `Flattener._percol_scalar` itself (rare: only configured columns), via the Python callback.
+    fn percol(&self, py: Python<'_>, v: &V, name: &str, site: usize) -> R<Option<(String, &'static str)>> {
+        let f = self.percol_scalar.as_ref().ok_or(Decline::Callback)?;
+        let pv: Bound<'_, PyAny> = match v {
+            V::Str(s) => PyString::new(py, s).into_any(),
+            V::Int(i) => i.into_pyobject(py).map_err(|_| Decline::Callback)?.into_any(),
+            V::UInt(u) => u.into_pyobject(py).map_err(|_| Decline::Callback)?.into_any(),
+            V::Float(x) => PyFloat::new(py, *x).into_any(),
+            _ => return Ok(None),
+        };
+        let r: Option<(String, String)> = f
+            .call1(py, (pv, name, self.sites[site].table.as_str()))
+            .and_then(|o| o.extract(py))
+            .map_err(|_| Decline::Callback)?;
+        Ok(match r {
+            None => None,
+            Some((val, t)) => Some((
+                val,
+                match t.as_str() {
+                    "TIMESTAMP" => "TIMESTAMP",
+                    "STRING" => "STRING",
+                    _ => return Err(Decline::Callback),
+                },
+            )),
+        })
+    }
+
     // ---------------------------------------------------------- flatten
 
     fn event_time(&mut self, us: i64) -> R<String> {
@@ -533,6 +575,17 @@ impl NativeFlattener {
 
     #[allow(clippy::too_many_arguments)]
     fn value(&mut self, py: Python<'_>, name: &str, v: &V, site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
+        if self.percol_scalar.is_some() && matches!(v, V::Str(_) | V::Int(_) | V::UInt(_) | V::Float(_)) {
+            let table = &self.sites[site].table;
+            let full = if table.is_empty() { name.to_owned() } else { format!("{table}__{name}") };
+            if self.ts_cols.contains(&full) || self.no_ts_cols.contains(&full) {
+                if let Some((val, t)) = self.percol(py, v, name, site)? {
+                    row.key(name, t);
+                    write_str(&mut row.cols, &val);
+                    return Ok(());
+                }
+            }
+        }
         match v {
             V::Null => {}
             V::Str(s) => {
@@ -635,16 +688,26 @@ impl NativeFlattener {
                 let (child, es) = self.array_site(site, name);
                 self.child_rows(py, a, &child, es, row_id, ctx, true)
             }
-            _ => self.scalar_list(py, a, k, name, row),
+            _ => self.scalar_list(py, a, k, name, site, row),
         }
     }
 
-    fn scalar_list(&mut self, py: Python<'_>, a: &[V], kind: u8, name: &str, row: &mut OutRow) -> R<()> {
+    fn scalar_list(&mut self, py: Python<'_>, a: &[V], kind: u8, name: &str, site: usize, row: &mut OutRow) -> R<()> {
         let vals = a.iter().filter(|x| !matches!(x, V::Null));
         match kind {
             16 => {
                 let strs: Vec<&str> = vals.map(|x| if let V::Str(s) = x { &**s } else { "" }).collect();
-                if self.detect && strs.iter().all(|s| ts::looks(s)) {
+                let mut detect = self.detect;
+                if self.percol_scalar.is_some() {
+                    let table = &self.sites[site].table;
+                    let path = if table.is_empty() { name.to_owned() } else { join_name(table, name) };
+                    if self.ts_cols.contains(&path) {
+                        detect = true;
+                    } else if self.no_ts_cols.contains(&path) {
+                        detect = false;
+                    }
+                }
+                if detect && strs.iter().all(|s| ts::looks(s)) {
                     let mut conv = Vec::with_capacity(strs.len());
                     let mut ok = true;
                     for s in &strs {

@@ -35,7 +35,7 @@ from flatten_bench import ANNOTATIONS, reference_event  # noqa: E402
 if os.environ.get("HEADWATER_NO_NATIVE") == "1":
     pytest.skip("HEADWATER_NO_NATIVE=1: native accelerator disabled explicitly", allow_module_level=True)
 
-SETTINGS = settings(max_examples=150, deadline=None,
+SETTINGS = settings(max_examples=int(os.environ.get("HEADWATER_NATIVE_EXAMPLES", "150")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ET = 1_767_323_045_123_456
 
@@ -155,10 +155,20 @@ maskable = st.recursive(
                             st.dictionaries(st.sampled_from(["a", "A", "user", "e_mail", "E-Mail", "x", "items", "ssn",
                                                              "名前"]), inner, max_size=5)),
     max_leaves=20)
-documents = st.dictionaries(keys, st.one_of(json_values, deep_values(), large_arrays, maskable), max_size=8)
+COLUMN_NAMES = ["a", "a_b", "user_name", "empty", "n_1", "x", "e_mail", "user__e_mail", "items__a", "a__a", "value",
+                "items__value", "a__value", "k_v_string", "u540d_u524d"]
 options = st.builds(FlattenOptions, max_depth=st.integers(1, 64), scalar_arrays=st.sampled_from(["repeated", "child"]),
-                    detect_timestamps=st.booleans())
+                    detect_timestamps=st.booleans(),
+                    timestamp_columns=st.lists(st.sampled_from(COLUMN_NAMES), max_size=4).map(tuple),
+                    no_timestamp_columns=st.lists(st.sampled_from(COLUMN_NAMES), max_size=3).map(tuple))
+epochs = st.one_of(st.integers(-(2**66), 2**66), st.floats(allow_nan=False, allow_infinity=False),
+                   st.sampled_from([1_767_323_045, 1_767_323_045_123, 1_767_323_045_123_456, 1.7e18, 99_999_999_999.5,
+                                    "2026-01-02", "2026-01-02T03:04:05+01:00", "not a time"]))
 
+timed = st.dictionaries(st.sampled_from(["a", "x", "value", "e-mail", "A B"]),
+                        st.one_of(epochs, st.lists(epochs, max_size=3), st.lists(st.fixed_dictionaries({"a": epochs}),
+                                                                                 max_size=2)), max_size=4)
+documents = st.dictionaries(keys, st.one_of(json_values, deep_values(), large_arrays, maskable, timed), max_size=8)
 
 def encode(doc, style: int) -> bytes:
     """Payload bytes: orjson when it can (ints <= 64 bits), else stdlib json (ASCII-escaped or not)."""
@@ -229,7 +239,7 @@ def test_reference_events_and_fused_envelope():
 
 
 def test_synthetic_demo_events():
-    """deploy/synth.py's partners with the example contract's annotations (timestamp_columns dropped, see below)."""
+    """deploy/synth.py's partners with the example contract's flatten options and annotations."""
     from deploy.synth import acme_event, nimbus_record, orbit_event
     from ingest.contract import load_contract
 
@@ -238,17 +248,14 @@ def test_synthetic_demo_events():
     gens = {"acme_bank": acme_event, "orbit_retail": orbit_event}
     for p in contract.partners:
         gen = gens.get(p.name, nimbus_record)
-        opts = p.flatten.model_copy(update={"timestamp_columns": (), "no_timestamp_columns": ()})
-        ff = fast.FastFlattener(opts, p.columns, DEV_KEY, use_native=True)
+        ff = fast.FastFlattener(p.flatten, p.columns, DEV_KEY, use_native=True)
         assert ff.native
         for i in range(200):
             payload = orjson.dumps(gen(i, rng))
             check(ff, payload, mask=True, event_id=f"{p.name}-{i}")
             check(ff, payload, mask=False, event_id=f"{p.name}-{i}")
         assert ff.stats()["declined"] == {}
-        if p.flatten.timestamp_columns or p.flatten.no_timestamp_columns:
-            # per-column timestamp overrides are not ported: the whole partner takes the Python path
-            assert not fast.FastFlattener(p.flatten, p.columns, DEV_KEY, use_native=True).native
+    assert any(p.flatten.timestamp_columns for p in contract.partners)  # the per-column path is exercised
 
 
 def test_rows_api_and_fallback_counts(monkeypatch):
