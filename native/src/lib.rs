@@ -26,6 +26,10 @@ use std::rc::Rc;
 
 type HmacSha256 = Hmac<Sha256>;
 
+// Many small allocations per event (the parsed tree): mimalloc is markedly faster than glibc malloc here.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MAX_NAME: usize = 272;
 const MAX_COLUMNS: usize = 10_000;
 const MAX_MASK_DEPTH: usize = 200;
@@ -167,6 +171,9 @@ struct NativeFlattener {
     tok_mac: HmacSha256,
     et_cache: (i64, String),
     table_str: FxHashMap<Rc<str>, Py<PyString>>,
+    /// identical types JSON (same shape and types) is returned as the same immutable bytes object
+    types_bytes: FxHashMap<Vec<u8>, Py<PyBytes>>,
+    pool: Vec<Vec<u8>>,
     ts_cols: FxHashSet<String>,
     no_ts_cols: FxHashSet<String>,
     percol_scalar: Option<PyObject>,
@@ -239,6 +246,8 @@ impl NativeFlattener {
             tok_mac: derive(b"headwater/tokenize/v1")?,
             et_cache: (i64::MIN, String::new()),
             table_str: FxHashMap::default(),
+            types_bytes: FxHashMap::default(),
+            pool: Vec::new(),
             ts_cols: timestamp_columns.into_iter().collect(),
             no_ts_cols: no_timestamp_columns.into_iter().collect(),
             percol_scalar,
@@ -381,15 +390,33 @@ impl NativeFlattener {
                         }
                         self.table_str.insert(r.table.clone(), PyString::new(py, &r.table).unbind());
                     }
+                    let types = match self.types_bytes.get(&r.types) {
+                        Some(b) => b.bind(py).clone(),
+                        None => {
+                            if self.types_bytes.len() >= 4096 {
+                                self.types_bytes.clear();
+                            }
+                            let b = PyBytes::new(py, &r.types);
+                            self.types_bytes.insert(r.types.clone(), b.clone().unbind());
+                            b
+                        }
+                    };
                     items.push(PyTuple::new(
                         py,
                         [
                             self.table_str[&r.table].bind(py).clone().into_any(),
                             PyString::new(py, &r.row_id).into_any(),
                             PyBytes::new(py, &r.cols).into_any(),
-                            PyBytes::new(py, &r.types).into_any(),
+                            types.into_any(),
                         ],
                     )?);
+                    if self.pool.len() < 64 {
+                        let (mut c, mut t) = (r.cols, r.types);
+                        c.clear();
+                        t.clear();
+                        self.pool.push(c);
+                        self.pool.push(t);
+                    }
                 }
                 Ok(Some(PyList::new(py, items)?))
             }
@@ -531,6 +558,10 @@ impl NativeFlattener {
 
     // ---------------------------------------------------------- flatten
 
+    fn buf(&mut self) -> Vec<u8> {
+        self.pool.pop().unwrap_or_else(|| Vec::with_capacity(512))
+    }
+
     fn event_time(&mut self, us: i64) -> R<String> {
         let sec = us.div_euclid(1_000_000);
         if self.et_cache.0 != sec {
@@ -543,7 +574,7 @@ impl NativeFlattener {
     fn flatten(&mut self, py: Python<'_>, doc: &V, eid: &str, uid: &str, us: i64) -> R<Vec<OutRow>> {
         let V::Obj(obj) = doc else { return Err(Decline::NotObject) };
         let et = self.event_time(us)?;
-        let mut main = OutRow { table: Rc::from(""), row_id: eid.to_owned(), cols: Vec::with_capacity(1024), types: Vec::with_capacity(1024), n: 0 };
+        let mut main = OutRow { table: Rc::from(""), row_id: eid.to_owned(), cols: self.buf(), types: self.buf(), n: 0 };
         main.cols.push(b'{');
         main.types.push(b'{');
         main.key("_event_id", "STRING");
@@ -773,7 +804,7 @@ impl NativeFlattener {
             let mut h = h0.clone();
             h.update(i.to_string().as_bytes());
             let rid = json::hex(&h.finalize()[..16]);
-            let mut r = OutRow { table: child.clone(), row_id: rid.clone(), cols: Vec::with_capacity(256), types: Vec::with_capacity(256), n: 0 };
+            let mut r = OutRow { table: child.clone(), row_id: rid.clone(), cols: self.buf(), types: self.buf(), n: 0 };
             r.cols.push(b'{');
             r.types.push(b'{');
             r.key("_row_id", "STRING");
