@@ -132,7 +132,7 @@ def make_headwater() -> Callable[[list[bytes]], None]:
 def make_native() -> tuple[Callable[[list[bytes]], None], fast.FastFlattener]:
     """parse + mask + envelope + flatten + row JSON, native with a per-event Python fallback."""
     ff = fast.FastFlattener(FlattenOptions(), ANNOTATIONS, DEV_KEY)
-    native_event = ff.native_event
+    native_event = ff.native_event_fn
     fromiso = datetime.fromisoformat
     epoch = fromiso("1970-01-01T00:00:00Z")
 

@@ -158,6 +158,11 @@ class FastFlattener:
             return None
         return self._nf.process_event(payload, id_path, user_path, time_path)
 
+    @property
+    def native_event_fn(self) -> Any:
+        """The bound native ``process_event`` (hot loops: saves a Python frame per event), or None."""
+        return None if self._nf is None else self._nf.process_event
+
     def stats(self) -> dict:
         """``{"native": bool, "native_events": n, "declined": {reason: n}, "python_events": n}``."""
         s = self._nf.stats() if self._nf is not None else {"native_events": 0, "declined": {}}

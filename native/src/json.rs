@@ -267,10 +267,11 @@ pub fn write_value(out: &mut Vec<u8>, v: &V, sort: bool) {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
+    let mut v = Vec::with_capacity(bytes.len() * 2);
     for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
+        v.push(HEX[(b >> 4) as usize]);
+        v.push(HEX[(b & 15) as usize]);
     }
-    s
+    // only ASCII hex digits were written
+    String::from_utf8(v).unwrap_or_default()
 }

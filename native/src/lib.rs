@@ -121,13 +121,16 @@ impl OutRow {
         self.n += 1;
         // column names are [a-z0-9_] by construction (flatten.names) and types are constants: no escaping
         debug_assert!(name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
+        let (nb, tb) = (name.as_bytes(), ty.as_bytes());
+        self.cols.reserve(nb.len() + 3);
         self.cols.push(b'"');
-        self.cols.extend_from_slice(name.as_bytes());
+        self.cols.extend_from_slice(nb);
         self.cols.extend_from_slice(b"\":");
+        self.types.reserve(nb.len() + tb.len() + 5);
         self.types.push(b'"');
-        self.types.extend_from_slice(name.as_bytes());
+        self.types.extend_from_slice(nb);
         self.types.extend_from_slice(b"\":\"");
-        self.types.extend_from_slice(ty.as_bytes());
+        self.types.extend_from_slice(tb);
         self.types.push(b'"');
     }
 }
