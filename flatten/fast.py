@@ -25,8 +25,6 @@ Set ``HEADWATER_NO_NATIVE=1`` to force the Python path everywhere.
 """
 from __future__ import annotations
 
-import threading
-
 import os
 from typing import Any, Optional, Sequence
 
@@ -90,23 +88,6 @@ def _mask_tree(masker: Optional[Masker]) -> list:
     return nodes
 
 
-class _ThreadLocalNative:
-    """Forwards to the calling thread's own native flattener (created lazily from the same arguments)."""
-
-    def __init__(self, owner: "FastFlattener") -> None:
-        self._owner = owner
-
-    def _get(self) -> Any:
-        local = self._owner._nf_local
-        nf = getattr(local, "nf", None)
-        if nf is None:
-            nf = local.nf = _native.NativeFlattener(*self._owner._nf_args)
-        return nf
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._get(), name)
-
-
 class FastFlattener:
     """Flatten (optionally mask first) event bytes into :data:`RowBytes`; one per partner, built in ``DoFn.setup``.
 
@@ -131,16 +112,11 @@ class FastFlattener:
                     types: dict = {}
                     return (cols[name], types[name]) if percol_scalar(v, name, table, cols, types) else None
 
-            args = (options.max_depth, options.scalar_arrays == "child", options.detect_timestamps,
-                    _mask_tree(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
-                    normalize_key, parse_timestamp, _canonical_bytes,
-                    list(options.timestamp_columns), list(options.no_timestamp_columns), percol)
-            # The native object is bound to the thread that made it (PyO3 `unsendable`), and runner
-            # workers call DoFn.setup and process on different threads (Prism's SDK harness does):
-            # one native instance per thread, made on first use there.
-            self._nf_args = args
-            self._nf_local = threading.local()
-            self._nf = _ThreadLocalNative(self)
+            self._nf = _native.NativeFlattener(
+                options.max_depth, options.scalar_arrays == "child", options.detect_timestamps,
+                _mask_tree(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
+                normalize_key, parse_timestamp, _canonical_bytes,
+                list(options.timestamp_columns), list(options.no_timestamp_columns), percol)
         self.python_events = 0
 
     @property

@@ -22,7 +22,7 @@ use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::hash::Hasher;
-use std::rc::Rc;
+use std::sync::Arc as Rc; // Arc: the flattener must be Send + Sync (runner threads share DoFn instances)
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -159,7 +159,7 @@ enum Masked<'a> {
 
 // ------------------------------------------------------------------ the class
 
-#[pyclass(unsendable)]
+#[pyclass]
 struct NativeFlattener {
     max_depth: u32,
     scalar_child: bool,
