@@ -1,0 +1,90 @@
+"""1,000 users streamed through the real local streaming runner (Prism) and the whole pipeline:
+Kafka -> ParseEnvelope -> dedup -> flatten -> ComputeAggregates (state + processing-time timers) -> DuckDB.
+The latest emitted lifetime aggregates per user equal a plain-Python reference over the same events."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import orjson
+import pytest
+import yaml
+
+from deploy.publish import send_payloads
+from ingest.contract import parse_contract
+from tests.ingest.conftest import live_services, unique_name, wait_for  # noqa: F401 (fixture)
+from tests.ingest.test_streaming_e2e import ROOT, _launch, _query, _stop
+
+pytestmark = pytest.mark.integration
+
+USERS = 1000
+
+
+def _events(seed=17):
+    rnd = random.Random(seed)
+    out = []
+    base = 1_790_000_000_000
+    for u in range(USERS):
+        for _ in range(rnd.randint(1, 4)):
+            i = len(out)
+            out.append({"offer_event_id": f"ev-{i:06d}", "ts_ms": base + rnd.randrange(0, 3_600_000),
+                        "shopper": {"uid": f"user-{u:04d}", "email": f"u{u}@example.com"},
+                        "product": {"category": rnd.choice(["card", "loan", "savings"]),
+                                    "terms": {"apr": rnd.randrange(100, 3000) / 100}}})
+    rnd.shuffle(out)
+    return out
+
+
+def _reference(events):
+    ref = defaultdict(lambda: {"n": 0, "apr_sum": 0.0, "cats": set()})
+    for e in events:
+        r = ref[e["shopper"]["uid"]]
+        r["n"] += 1
+        r["apr_sum"] += e["product"]["terms"]["apr"]
+        r["cats"].add(e["product"]["category"])
+    return {u: (r["n"], round(r["apr_sum"], 6), len(r["cats"])) for u, r in ref.items()}
+
+
+def test_thousand_users_on_prism_equal_reference(live_services, tmp_path):  # noqa: F811
+    raw = yaml.safe_load((ROOT / "examples" / "streaming.yaml").read_text())
+    raw["warehouse"]["path"] = str(tmp_path / "wh.duckdb")
+    tag = unique_name("agg")
+    orbit = next(p for p in raw["partners"] if p["name"] == "orbit_live")
+    orbit["sources"][0].update(topics=[tag], group_id=f"g-{tag}", bootstrap_servers=live_services.kafka_bootstrap,
+                               start="earliest")
+    orbit["aggregates"] = [{"name": "per_user", "windows": ["lifetime"], "emit_every": "1s",
+                            "allowed_lateness": "2h", "ttl": "30d",
+                            "metrics": [{"name": "n", "fn": "count"},
+                                        {"name": "apr_sum", "fn": "sum", "column": "product__terms__apr"},
+                                        {"name": "cats", "fn": "distinct", "column": "product__category"}]}]
+    raw["partners"] = [orbit]
+    path = tmp_path / "contract.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    contract = parse_contract(raw, str(path))
+    events = _events()
+    assert send_payloads(contract, "orbit_live", [(orjson.dumps(e), {}) for e in events]) == len(events)
+    expected = _reference(events)
+    assert len(expected) == USERS
+
+    def latest():
+        rows = _query(contract, """SELECT key, metrics FROM aggregates WHERE "window" = 'lifetime'
+                                   QUALIFY row_number() OVER (PARTITION BY key ORDER BY version DESC) = 1""")
+        out = {}
+        for key, metrics in rows or []:
+            m = orjson.loads(metrics)
+            out[key] = (m["n"], round(m["apr_sum"], 6), m["cats"])
+        return out
+
+    job = _launch(path, tmp_path / "job.log")
+    try:
+        done = wait_for(lambda: sum(v[0] for v in latest().values()) >= len(events), timeout=240)
+    finally:
+        rc = _stop(job)
+    log = (tmp_path / "job.log").read_text()
+    rows_now = _query(contract, "SELECT count(*) FROM orbit_live_offers")
+    assert done, f"aggregated {sum(v[0] for v in latest().values())}/{len(events)}, rows {rows_now}; log:\n{log[-3000:]}"
+    assert rc == 0, log[-3000:]
+    assert "PrismRunner" in log or "prism" in log.lower(), "expected the job to run on Prism"
+    assert latest() == expected
+    rows = _query(contract, "SELECT count(*), count(DISTINCT _event_id) FROM orbit_live_offers")[0]
+    assert rows == (len(events), len(events))
