@@ -123,8 +123,13 @@ class _AggregateCore(beam.DoFn):
                     timer.clear()
                 else:
                     timer.set(_ts(new))
-        if st is not None and st.dirty and not st.emit_pending and emit_t is not _NO_TIMER:
-            emit_t.set(_ts(self._now_us() + plan.emit_every_us))
+        if st is not None and st.dirty and emit_t is not _NO_TIMER:
+            # The next cadence boundary (processing time, aligned to emit_every). Set on every change,
+            # not only when none is pending: re-setting the same boundary is idempotent (no starvation
+            # of busy keys), and a firing the runner lost (seen on Prism when it splits a bundle that
+            # holds timers, apache/beam#35771) cannot silence the key for good.
+            every = plan.emit_every_us
+            emit_t.set(_ts((self._now_us() // every + 1) * every))
             st.emit_pending = True
 
     def _out(self, key: AggKey, rows: list[A.EmitRow]) -> Iterator[AggregateRow]:

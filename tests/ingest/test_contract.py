@@ -54,6 +54,7 @@ def test_not_yaml_and_missing_file(tmp_path):
 
 def test_preflight_names_missing_files_key_and_reserved_tables(tmp_path, monkeypatch):
     monkeypatch.delenv("HEADWATER_MASK_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # the example's relative file patterns must match nothing here
     r = raw()
     r["masking"] = {"key_env": "HEADWATER_MASK_KEY", "key_file": str(tmp_path / "nokey")}
     r["partners"][1]["table"]["name"] = "dead_letters"

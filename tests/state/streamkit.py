@@ -10,7 +10,7 @@ from flatten.records import AggregateInput, AggregateRow
 S = 1_000_000
 MIN = 60 * S
 H = 3600 * S
-START = 1_700_000_000  # processing-time origin of the TestStreams (seconds)
+START = 1_700_000_040  # processing-time origin of the TestStreams (seconds); a multiple of every emit_every used, so cadence boundaries (aligned to emit_every) fall at START + k * emit_every
 # Last watermark of a TestStream (seconds). The DirectRunner fires timers when the watermark jumps
 # to +inf, but assert_that's GroupByKey has already closed the global window by then and drops
 # their output; ending on a finite watermark lets every TTL/close timer's rows reach the checks.
