@@ -7,7 +7,6 @@ from typing import Mapping
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import TimestampedValue
 
 from flatten.mask import Masker, load_mask_key
 from flatten.records import DeadLetter, Event, RawMessage, Reason
@@ -53,7 +52,9 @@ class _ParseFn(beam.DoFn):
         out = parser.parse(msg, now_us)
         if isinstance(out, Event):
             self._events.inc()
-            yield TimestampedValue(out, out.event_time_us / 1_000_000)
+            # Keeps the source's timestamp (arrival side of the watermark) until after dedup:
+            # DropDuplicateEvents' expiry timers must be relative to it (see ingest.dedup).
+            yield out
         else:
             self._dead.inc()
             Metrics.counter("headwater", f"dead_letter_{out.reason}").inc()
@@ -61,7 +62,7 @@ class _ParseFn(beam.DoFn):
 
 
 class ParseEnvelope(beam.PTransform):
-    """PCollection[RawMessage] -> DoOutputsTuple(events=PCollection[Event] stamped with event time,
+    """PCollection[RawMessage] -> DoOutputsTuple(events=PCollection[Event] (source timestamps kept),
     dead_letter=PCollection[DeadLetter]).
 
     Every message becomes exactly one of the two. Payloads are masked before
