@@ -145,20 +145,26 @@ class _AggregateCore(beam.DoFn):
         raw = cell.read()
         return A.AggState.from_bytes(raw) if raw else None
 
-    def _process(self, element: tuple[AggKey, AggregateInput], cell, timers: tuple) -> Iterator:
-        _, inp = element
+    def _decode(self, inp: AggregateInput) -> "tuple[Optional[A.Plan], Optional[dict], Optional[TaggedOutput]]":
+        """(plan, values, None) for a usable input, else (None, None, dead letter)."""
         plan = self._plans.get((inp.partner, inp.aggregate))
         if plan is None:
-            yield self._dead(inp, Reason.UNKNOWN_PARTNER, "UnknownAggregate",
-                             f"no aggregate {inp.aggregate!r} declared for partner {inp.partner!r}")
-            return
+            return None, None, self._dead(inp, Reason.UNKNOWN_PARTNER, "UnknownAggregate",
+                                          f"no aggregate {inp.aggregate!r} declared for partner {inp.partner!r}")
         try:
             values = orjson.loads(inp.values)
         except orjson.JSONDecodeError as e:
-            yield self._dead(inp, Reason.MALFORMED_JSON, "JSONDecodeError", str(e))
-            return
+            return None, None, self._dead(inp, Reason.MALFORMED_JSON, "JSONDecodeError", str(e))
         if not isinstance(values, dict):
-            yield self._dead(inp, Reason.NOT_AN_OBJECT, "TypeError", "AggregateInput.values is not an object")
+            return None, None, self._dead(inp, Reason.NOT_AN_OBJECT, "TypeError",
+                                          "AggregateInput.values is not an object")
+        return plan, values, None
+
+    def _process(self, element: tuple[AggKey, AggregateInput], cell, timers: tuple) -> Iterator:
+        _, inp = element
+        plan, values, dead = self._decode(inp)
+        if dead is not None:
+            yield dead
             return
         st = self._load(cell)
         before = (None, None, None) if st is None else (st.close_at, st.ttl_at, st.probe_at)
@@ -289,17 +295,9 @@ class _FoldGroupedFn(_AggregateCore):
         plan = self._plans.get((key[0], key[1]))
         st: Optional[A.AggState] = None
         for inp in sorted(inputs, key=_event_order):
-            if plan is None:
-                yield self._dead(inp, Reason.UNKNOWN_PARTNER, "UnknownAggregate",
-                                 f"no aggregate {inp.aggregate!r} declared for partner {inp.partner!r}")
-                continue
-            try:
-                values = orjson.loads(inp.values)
-            except orjson.JSONDecodeError as e:
-                yield self._dead(inp, Reason.MALFORMED_JSON, "JSONDecodeError", str(e))
-                continue
-            if not isinstance(values, dict):
-                yield self._dead(inp, Reason.NOT_AN_OBJECT, "TypeError", "AggregateInput.values is not an object")
+            _, values, dead = self._decode(inp)
+            if dead is not None:
+                yield dead
                 continue
             st, rejections = A.step(st, A.Event(inp.event_time_us, inp.event_id, values), plan)
             for r in rejections:
