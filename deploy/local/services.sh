@@ -25,6 +25,19 @@ wait_port() {  # wait_port NAME PORT TIMEOUT_S LOGFILE
   return 1
 }
 
+wait_http() {  # wait_http NAME URL TIMEOUT_S DIR: until URL answers; else log tail, stop DIR/pid, fail
+  local name=$1 url=$2 timeout=$3 dir=$4 i
+  for ((i = 0; i < timeout * 4; i++)); do
+    curl -fsS "$url" >/dev/null 2>&1 && return 0
+    pid_alive "$dir/pid" || break
+    sleep 0.25
+  done
+  echo "services: $name not ready at $url; last log lines ($dir/log):" >&2
+  tail -n 30 "$dir/log" >&2 || true
+  stop_pidfile "$name" "$dir/pid" >/dev/null
+  return 1
+}
+
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 stop_pidfile() {  # stop_pidfile NAME PIDFILE

@@ -65,18 +65,8 @@ bigquery_up() {
   echo $! >"$dir/pid"
   wait_port bigquery "$port" 60 "$dir/log" || { stop_pidfile bigquery "$dir/pid" >/dev/null; return 1; }
   # Listening is not ready: wait for the REST API to answer a project-scoped list.
-  local i
-  for ((i = 0; i < 120; i++)); do
-    if curl -fsS "http://127.0.0.1:$port/bigquery/v2/projects/headwater-local/datasets" >/dev/null 2>&1; then
-      echo "bigquery: up at http://127.0.0.1:$port (gRPC 127.0.0.1:$grpc, extensions $extdir)"; return 0
-    fi
-    pid_alive "$dir/pid" || break
-    sleep 0.25
-  done
-  echo "bigquery: REST API not ready on 127.0.0.1:$port; last log lines ($dir/log):" >&2
-  tail -n 30 "$dir/log" >&2
-  stop_pidfile bigquery "$dir/pid" >/dev/null
-  return 1
+  wait_http bigquery "http://127.0.0.1:$port/bigquery/v2/projects/headwater-local/datasets" 30 "$dir" || return 1
+  echo "bigquery: up at http://127.0.0.1:$port (gRPC 127.0.0.1:$grpc, extensions $extdir)"
 }
 
 bigquery_down() { stop_pidfile bigquery "$HEADWATER_LOCAL/bigquery/pid"; }

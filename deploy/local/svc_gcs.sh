@@ -35,17 +35,8 @@ gcs_up() {
     -log-level warn >"$dir/log" 2>&1 </dev/null &
   echo $! >"$dir/pid"
   wait_port gcs "$port" 30 "$dir/log" || { stop_pidfile gcs "$dir/pid" >/dev/null; return 1; }
-  local i
-  for ((i = 0; i < 80; i++)); do
-    if curl -fsS "http://127.0.0.1:$port/storage/v1/b" >/dev/null 2>&1; then
-      echo "gcs: up at http://127.0.0.1:$port (STORAGE_EMULATOR_HOST=http://127.0.0.1:$port)"; return 0
-    fi
-    sleep 0.25
-  done
-  echo "gcs: JSON API not ready on 127.0.0.1:$port; last log lines ($dir/log):" >&2
-  tail -n 30 "$dir/log" >&2
-  stop_pidfile gcs "$dir/pid" >/dev/null
-  return 1
+  wait_http gcs "http://127.0.0.1:$port/storage/v1/b" 20 "$dir" || return 1
+  echo "gcs: up at http://127.0.0.1:$port (STORAGE_EMULATOR_HOST=http://127.0.0.1:$port)"
 }
 
 gcs_down() { stop_pidfile gcs "$HEADWATER_LOCAL/gcs/pid"; }

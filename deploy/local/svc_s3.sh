@@ -18,17 +18,8 @@ s3_up() {
   setsid moto_server -H 127.0.0.1 -p "$port" >"$dir/log" 2>&1 </dev/null &
   echo $! >"$dir/pid"
   wait_port s3 "$port" 30 "$dir/log" || { stop_pidfile s3 "$dir/pid" >/dev/null; return 1; }
-  local i
-  for ((i = 0; i < 80; i++)); do
-    if curl -fsS "http://127.0.0.1:$port/moto-api/" >/dev/null 2>&1; then
-      echo "s3: up at http://127.0.0.1:$port (moto)"; return 0
-    fi
-    sleep 0.25
-  done
-  echo "s3: moto not ready on 127.0.0.1:$port; last log lines ($dir/log):" >&2
-  tail -n 30 "$dir/log" >&2
-  stop_pidfile s3 "$dir/pid" >/dev/null
-  return 1
+  wait_http s3 "http://127.0.0.1:$port/moto-api/" 20 "$dir" || return 1
+  echo "s3: up at http://127.0.0.1:$port (moto)"
 }
 
 s3_down() { stop_pidfile s3 "$HEADWATER_LOCAL/s3/pid"; }
