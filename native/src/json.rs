@@ -1,12 +1,12 @@
-//! JSON value, parser (serde_json, orjson-compatible semantics) and an orjson-exact writer.
+//! JSON value, parser (hand-written, orjson-compatible semantics) and an orjson-exact writer.
 //!
 //! Parsing mirrors what `orjson.loads` produces for the documents we accept:
 //! * duplicate keys: first position, last value (a Python dict);
-//! * integers in i64/u64 exactly, larger ones as floats (serde_json's long-integer path);
-//! * `-0` is an int 0 in orjson but -0.0 in serde_json, so any negative zero is
-//!   rejected (the caller falls back to Python for that event);
+//! * integers in i64/u64 exactly, larger ones as floats (as orjson);
+//! * `-0` is an int 0 in orjson, so any negative zero is rejected;
 //! * non-finite numbers, lone surrogates, invalid UTF-8 and nesting beyond
-//!   serde_json's 128 levels are rejected (fallback, where orjson decides).
+//!   128 levels are rejected.
+//! A rejected payload makes the caller fall back to Python for that event, where orjson decides.
 //!
 //! The writer reproduces `orjson.dumps` byte for byte: compact separators, only
 //! `"`, `\` and control characters escaped (short forms for \b \t \n \f \r,
@@ -14,9 +14,7 @@
 //! digits; fixed notation for 1e-5 <= |x| < 1e16, else `de[+-]x`).
 
 use rustc_hash::FxHashMap;
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
-use std::fmt;
 
 pub enum V<'a> {
     Null,
@@ -29,125 +27,397 @@ pub enum V<'a> {
     Obj(Vec<(Cow<'a, str>, V<'a>)>),
 }
 
-struct VVisitor;
+/// Parse a whole payload; None when it is not JSON orjson would read the same way (the caller falls back
+/// to Python, where orjson decides): a hand-written borrowed parser (strict RFC 8259 grammar, one UTF-8
+/// validation up front, strings without escapes borrowed from the payload, children gathered on a scratch
+/// stack and moved into exact-size vectors). Declines, beyond invalid JSON: negative zero, non-finite
+/// numbers, integers outside i64/u64, lone surrogates, nesting deeper than 128.
+pub fn parse(b: &[u8]) -> Option<V<'_>> {
+    let mut p = Parser::new(b)?;
+    let v = p.value()?;
+    if !p.at_end() {
+        return None;
+    }
+    Some(v)
+}
 
-impl<'de> Visitor<'de> for VVisitor {
-    type Value = V<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("JSON")
+const MAX_NESTING: u32 = 128;
+
+/// A cursor over one payload; `flatten`'s streaming path drives it key by key (`stream.rs`).
+pub(crate) struct Parser<'a> {
+    pub(crate) s: &'a str,
+    pub(crate) b: &'a [u8],
+    pub(crate) i: usize,
+    pub(crate) depth: u32,
+    vals: Vec<V<'a>>,
+    pairs: Vec<(Cow<'a, str>, V<'a>)>,
+}
+
+impl<'a> Parser<'a> {
+    /// A parser at the first value of `b` (UTF-8 validated once here); None if `b` is not UTF-8.
+    pub(crate) fn new(b: &'a [u8]) -> Option<Parser<'a>> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut p = Parser { s, b: s.as_bytes(), i: 0, depth: 0, vals: Vec::new(), pairs: Vec::new() };
+        p.ws();
+        Some(p)
     }
-    fn visit_bool<E>(self, b: bool) -> Result<V<'de>, E> {
-        Ok(V::Bool(b))
+
+    /// Only whitespace left.
+    pub(crate) fn at_end(&mut self) -> bool {
+        self.ws();
+        self.i == self.b.len()
     }
-    fn visit_i64<E>(self, i: i64) -> Result<V<'de>, E> {
-        Ok(V::Int(i))
+
+    /// Entering an object or array: false beyond the nesting limit.
+    #[inline]
+    pub(crate) fn enter(&mut self) -> bool {
+        self.depth += 1;
+        self.depth <= MAX_NESTING
     }
-    fn visit_u64<E>(self, u: u64) -> Result<V<'de>, E> {
-        Ok(if u <= i64::MAX as u64 { V::Int(u as i64) } else { V::UInt(u) })
-    }
-    fn visit_f64<E: de::Error>(self, f: f64) -> Result<V<'de>, E> {
-        if !f.is_finite() || (f == 0.0 && f.is_sign_negative()) {
-            return Err(E::custom("unsupported number"));
+
+    #[inline(always)]
+    pub(crate) fn ws(&mut self) {
+        match self.b.get(self.i) {
+            Some(&c) if c > b' ' => {} // compact JSON: the common case
+            None => {}
+            _ => self.ws_run(),
         }
-        Ok(V::Float(f))
     }
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<V<'de>, E> {
-        Ok(V::Str(Cow::Borrowed(s)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<V<'de>, E> {
-        Ok(V::Str(Cow::Owned(s.to_owned())))
-    }
-    fn visit_string<E>(self, s: String) -> Result<V<'de>, E> {
-        Ok(V::Str(Cow::Owned(s)))
-    }
-    fn visit_unit<E>(self) -> Result<V<'de>, E> {
-        Ok(V::Null)
-    }
-    fn visit_none<E>(self) -> Result<V<'de>, E> {
-        Ok(V::Null)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<V<'de>, A::Error> {
-        let mut v = Vec::with_capacity(a.size_hint().unwrap_or(4));
-        while let Some(x) = a.next_element::<V<'de>>()? {
-            v.push(x);
-        }
-        Ok(V::Arr(v))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<V<'de>, A::Error> {
-        let mut v: Vec<(Cow<'de, str>, V<'de>)> = Vec::with_capacity(8);
-        let mut idx: Option<FxHashMap<String, usize>> = None;
-        while let Some(Key(k)) = a.next_key::<Key<'de>>()? {
-            let val: V<'de> = a.next_value()?;
-            if v.len() < 16 && idx.is_none() {
-                if let Some(p) = v.iter().position(|(kk, _)| **kk == *k) {
-                    v[p].1 = val;
-                    continue;
-                }
-                v.push((k, val));
+
+    fn ws_run(&mut self) {
+        while let Some(&c) = self.b.get(self.i) {
+            if c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' {
+                self.i += 1;
             } else {
-                let m = idx.get_or_insert_with(|| v.iter().enumerate().map(|(i, (kk, _))| (kk.to_string(), i)).collect());
-                if let Some(&p) = m.get(&*k) {
-                    v[p].1 = val;
-                    continue;
-                }
-                m.insert(k.to_string(), v.len());
-                v.push((k, val));
+                break;
             }
         }
-        Ok(V::Obj(v))
+    }
+
+    #[inline]
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    /// At an `n`: the literal null.
+    pub(crate) fn null(&mut self) -> Option<()> {
+        self.lit(b"null", V::Null).map(|_| ())
+    }
+
+    fn lit(&mut self, word: &[u8], v: V<'a>) -> Option<V<'a>> {
+        if self.b.get(self.i..self.i + word.len())? == word {
+            self.i += word.len();
+            Some(v)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn value(&mut self) -> Option<V<'a>> {
+        match self.peek()? {
+            b'"' => Some(V::Str(self.string()?)),
+            b'{' => self.object(),
+            b'[' => self.array(),
+            b't' => self.lit(b"true", V::Bool(true)),
+            b'f' => self.lit(b"false", V::Bool(false)),
+            b'n' => self.lit(b"null", V::Null),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    fn array(&mut self) -> Option<V<'a>> {
+        if !self.enter() {
+            return None;
+        }
+        self.i += 1; // [
+        self.ws();
+        let base = self.vals.len();
+        if self.peek()? == b']' {
+            self.i += 1;
+        } else {
+            loop {
+                let v = self.value()?;
+                self.vals.push(v);
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    b']' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        self.depth -= 1;
+        Some(V::Arr(self.vals.split_off(base)))
+    }
+
+    fn object(&mut self) -> Option<V<'a>> {
+        if !self.enter() {
+            return None;
+        }
+        self.i += 1; // {
+        self.ws();
+        let base = self.pairs.len();
+        let mut idx: Option<FxHashMap<Cow<'a, str>, usize>> = None;
+        if self.peek()? == b'}' {
+            self.i += 1;
+        } else {
+            loop {
+                if self.peek()? != b'"' {
+                    return None;
+                }
+                let k = self.string()?;
+                self.ws();
+                if self.peek()? != b':' {
+                    return None;
+                }
+                self.i += 1;
+                self.ws();
+                let v = self.value()?;
+                // duplicate keys: first position, last value (a Python dict)
+                let n = self.pairs.len() - base;
+                if n < 16 && idx.is_none() {
+                    if let Some(p) = self.pairs[base..].iter().position(|(kk, _)| *kk == k) {
+                        self.pairs[base + p].1 = v;
+                    } else {
+                        self.pairs.push((k, v));
+                    }
+                } else {
+                    let pairs = &self.pairs;
+                    let m = idx.get_or_insert_with(|| pairs[base..].iter().enumerate().map(|(i, (kk, _))| (kk.clone(), i)).collect());
+                    if let Some(&p) = m.get(&k) {
+                        self.pairs[base + p].1 = v;
+                    } else {
+                        m.insert(k.clone(), n);
+                        self.pairs.push((k, v));
+                    }
+                }
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    b'}' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        self.depth -= 1;
+        Some(V::Obj(self.pairs.split_off(base)))
+    }
+
+    /// At a `"`: the string's text, borrowed when it has no escapes.
+    #[inline(always)]
+    pub(crate) fn string(&mut self) -> Option<Cow<'a, str>> {
+        let b = self.b;
+        self.i += 1;
+        let start = self.i;
+        let i = find_special(b, start);
+        match *b.get(i)? {
+            b'"' => {
+                self.i = i + 1;
+                Some(Cow::Borrowed(&self.s[start..i]))
+            }
+            b'\\' => self.escaped(start, i),
+            _ => None, // a control byte
+        }
+    }
+
+    /// The rest of a string from its first backslash at `i`: an owned copy with the escapes decoded.
+    #[cold]
+    #[inline(never)]
+    fn escaped(&mut self, start: usize, mut i: usize) -> Option<Cow<'a, str>> {
+        let b = self.b;
+        let n = b.len();
+        let mut out = String::with_capacity(i - start + 16);
+        out.push_str(&self.s[start..i]);
+        loop {
+            let c = *b.get(i)?;
+            match c {
+                b'"' => {
+                    self.i = i + 1;
+                    return Some(Cow::Owned(out));
+                }
+                b'\\' => {
+                    let e = *b.get(i + 1)?;
+                    i += 2;
+                    match e {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => {
+                            let hi = hex4(b.get(i..i + 4)?)?;
+                            i += 4;
+                            let cp = if (0xD800..0xDC00).contains(&hi) {
+                                if b.get(i..i + 2)? != b"\\u" {
+                                    return None; // lone high surrogate
+                                }
+                                let lo = hex4(b.get(i + 2..i + 6)?)?;
+                                if !(0xDC00..0xE000).contains(&lo) {
+                                    return None;
+                                }
+                                i += 6;
+                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                            } else if (0xDC00..0xE000).contains(&hi) {
+                                return None; // lone low surrogate
+                            } else {
+                                hi
+                            };
+                            out.push(char::from_u32(cp)?);
+                        }
+                        _ => return None,
+                    }
+                }
+                c if c < 0x20 => return None,
+                _ => {
+                    // copy the run up to the next quote, backslash or control byte
+                    let run = i;
+                    while i < n && !needs_esc(b[i]) {
+                        i += 1;
+                    }
+                    out.push_str(&self.s[run..i]);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn number(&mut self) -> Option<V<'a>> {
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        let neg = b[i] == b'-';
+        if neg {
+            i += 1;
+        }
+        let d0 = i;
+        match b.get(i)? {
+            b'0' => i += 1,
+            b'1'..=b'9' => {
+                while matches!(b.get(i), Some(b'0'..=b'9')) {
+                    i += 1;
+                }
+            }
+            _ => return None,
+        }
+        let int_end = i;
+        let mut float = false;
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            if !matches!(b.get(i), Some(b'0'..=b'9')) {
+                return None;
+            }
+            while matches!(b.get(i), Some(b'0'..=b'9')) {
+                i += 1;
+            }
+            float = true;
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            if !matches!(b.get(i), Some(b'0'..=b'9')) {
+                return None;
+            }
+            while matches!(b.get(i), Some(b'0'..=b'9')) {
+                i += 1;
+            }
+            float = true;
+        }
+        self.i = i;
+        if !float {
+            let digits = &b[d0..int_end];
+            let mag: Option<u64> = if digits.len() <= 19 {
+                Some(digits.iter().fold(0u64, |a, &d| a * 10 + (d - b'0') as u64))
+            } else {
+                self.s[d0..int_end].parse::<u64>().ok()
+            };
+            let mag = match mag {
+                Some(m) if !(neg && m > 1u64 << 63) => m,
+                // beyond i64/u64: orjson reads a float (correctly rounded, as Rust's parse)
+                _ => return Some(V::Float(self.s[start..i].parse().ok()?)).filter(|v| matches!(v, V::Float(f) if f.is_finite())),
+            };
+            return if neg {
+                if mag == 0 {
+                    None // -0: orjson's int 0; decline
+                } else {
+                    Some(V::Int((mag as i64).wrapping_neg()))
+                }
+            } else if mag <= i64::MAX as u64 {
+                Some(V::Int(mag as i64))
+            } else {
+                Some(V::UInt(mag))
+            };
+        }
+        let f: f64 = self.s[start..i].parse().ok()?;
+        if !f.is_finite() || (f == 0.0 && f.is_sign_negative()) {
+            return None;
+        }
+        Some(V::Float(f))
     }
 }
 
-impl<'de> Deserialize<'de> for V<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(VVisitor)
+fn hex4(h: &[u8]) -> Option<u32> {
+    let mut v = 0u32;
+    for &c in h {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => return None,
+        };
+        v = v * 16 + d as u32;
     }
-}
-
-struct Key<'a>(Cow<'a, str>);
-struct KeyVisitor;
-
-impl<'de> Visitor<'de> for KeyVisitor {
-    type Value = Key<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("key")
-    }
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Borrowed(s)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(s.to_owned())))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
-        Ok(Key(Cow::Owned(s)))
-    }
-}
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_str(KeyVisitor)
-    }
-}
-
-/// Parse a whole payload; None when serde_json rejects it (the caller falls back to Python).
-pub fn parse(b: &[u8]) -> Option<V<'_>> {
-    // validate UTF-8 once, then parse from &str (no per-string re-validation)
-    serde_json::from_str::<V>(std::str::from_utf8(b).ok()?).ok()
+    Some(v)
 }
 
 // ------------------------------------------------------------------ writer
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-#[inline]
-fn esc_in_word(x: u64) -> bool {
-    // SWAR: any byte < 0x20, == '"' or == '\\' (bytes >= 0x80 never flag)
+/// SWAR over 8 bytes: the high bit set in each byte lane that is < 0x20, '"' or '\\' (bytes >= 0x80
+/// never flag). Borrows only run upwards, so the *lowest* flagged lane is exact (lanes above it may be
+/// false positives): `trailing_zeros() / 8` is the offset of the first byte to stop at.
+#[inline(always)]
+fn esc_mask(x: u64) -> u64 {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let lt = x.wrapping_sub(LO * 0x20) & !x & HI;
     let q = x ^ (LO * 0x22);
     let bs = x ^ (LO * 0x5c);
-    (lt | (q.wrapping_sub(LO) & !q & HI) | (bs.wrapping_sub(LO) & !bs & HI)) != 0
+    lt | (q.wrapping_sub(LO) & !q & HI) | (bs.wrapping_sub(LO) & !bs & HI)
+}
+
+/// The offset of the first byte at or after `i` that is < 0x20, '"' or '\\', or `b.len()`.
+#[inline(always)]
+fn find_special(b: &[u8], mut i: usize) -> usize {
+    let n = b.len();
+    while i + 8 <= n {
+        let m = esc_mask(u64::from_le_bytes(b[i..i + 8].try_into().unwrap()));
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && !needs_esc(b[i]) {
+        i += 1;
+    }
+    i
 }
 
 #[inline]
@@ -162,22 +432,11 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let mut start = 0;
     let mut i = 0;
     loop {
-        while i + 8 <= n && !esc_in_word(u64::from_le_bytes(b[i..i + 8].try_into().unwrap())) {
-            i += 8;
-        }
-        while i < n && !needs_esc(b[i]) {
-            i += 1;
-            if i % 8 == 0 {
-                break;
-            }
-        }
+        i = find_special(b, i);
         if i >= n {
             break;
         }
         let c = b[i];
-        if !needs_esc(c) {
-            continue;
-        }
         out.extend_from_slice(&b[start..i]);
         match c {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -201,7 +460,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 }
 
 pub fn write_i64(out: &mut Vec<u8>, i: i64) {
-    out.extend_from_slice(i.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
 }
 
 /// orjson's float text: ryu's shortest round-trip digits and layout (fixed for 1e-5 <= |x| < 1e16),

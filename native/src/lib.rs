@@ -11,6 +11,7 @@
 //!   for tokenizing non-ASCII strings and floats, `repr` for redacting floats).
 
 mod json;
+mod stream;
 mod ts;
 
 use hmac::{Hmac, Mac};
@@ -66,6 +67,18 @@ fn sha_hex(s: &[u8]) -> String {
     json::hex(&Sha256::digest(s))
 }
 
+/// The SHA-256 state shared by the ids of one array's child rows (event id, parent row id, child table).
+fn child_hasher(eid: &str, parent_id: &str, child: &str) -> Sha256 {
+    let mut h0 = Sha256::new();
+    h0.update(eid.as_bytes());
+    h0.update(b"\x1f");
+    h0.update(parent_id.as_bytes());
+    h0.update(b"\x1f");
+    h0.update(child.as_bytes());
+    h0.update(b"\x1f");
+    h0
+}
+
 fn join_name(prefix: &str, seg: &str) -> String {
     let name = if prefix.is_empty() { seg.to_owned() } else { format!("{prefix}__{seg}") };
     if name.len() > MAX_NAME {
@@ -87,6 +100,11 @@ struct Site {
     arrays: FxHashMap<String, (Rc<str>, usize)>,
     shapes: FxHashMap<u64, Vec<(Vec<Box<str>>, Rc<[String]>)>>,
     nshapes: usize,
+    /// the streaming path's per-key names (stream.rs)
+    keyindex: FxHashMap<Box<str>, usize>,
+    keynames: Vec<stream::KeyName>,
+    /// keynames index of the key last seen at each position of an object here
+    order: Vec<usize>,
 }
 
 impl Site {
@@ -100,6 +118,9 @@ impl Site {
             arrays: FxHashMap::default(),
             shapes: FxHashMap::default(),
             nshapes: 0,
+            keyindex: FxHashMap::default(),
+            keynames: Vec::new(),
+            order: Vec::new(),
         }
     }
 }
@@ -176,11 +197,18 @@ struct NativeFlattener {
     table_str: FxHashMap<Rc<str>, Py<PyString>>,
     /// identical types JSON (same shape and types) is returned as the same immutable bytes object
     types_bytes: FxHashMap<Vec<u8>, Py<PyBytes>>,
+    /// per table, the last types JSON and its bytes object (rows of a table mostly repeat it: no hashing)
+    last_types: FxHashMap<Rc<str>, (Vec<u8>, Py<PyBytes>)>,
     pool: Vec<Vec<u8>>,
     ts_cols: FxHashSet<String>,
     no_ts_cols: FxHashSet<String>,
     percol_scalar: Option<PyObject>,
     native_events: u64,
+    streamed_events: u64,
+    /// a streaming name cache is over its bound: trim before the next event
+    trim_due: bool,
+    /// try the one-pass streaming path first (stream.rs)
+    streaming: bool,
     declines: FxHashMap<&'static str, u64>,
 }
 
@@ -250,11 +278,15 @@ impl NativeFlattener {
             et_cache: (i64::MIN, String::new()),
             table_str: FxHashMap::default(),
             types_bytes: FxHashMap::default(),
+            last_types: FxHashMap::default(),
             pool: Vec::new(),
             ts_cols: timestamp_columns.into_iter().collect(),
             no_ts_cols: no_timestamp_columns.into_iter().collect(),
             percol_scalar,
             native_events: 0,
+            streamed_events: 0,
+            trim_due: false,
+            streaming: true,
             declines: FxHashMap::default(),
         })
     }
@@ -271,6 +303,13 @@ impl NativeFlattener {
         event_time_us: &Bound<'py, PyAny>,
         mask: bool,
     ) -> PyResult<Option<Bound<'py, PyList>>> {
+        if let (true, Ok(eid), Ok(uid), Ok(us)) =
+            (self.streaming, exact_str(event_id), exact_str(user_id), exact_i64(event_time_us))
+        {
+            if let Some((_, _, _, rows)) = self.stream(py, payload, Some((eid, uid, us)), ("", "", ""), mask) {
+                return self.finish(py, Ok(rows));
+            }
+        }
         let r = (|| -> R<Vec<OutRow>> {
             let eid = exact_str(event_id)?;
             let uid = exact_str(user_id)?;
@@ -296,7 +335,13 @@ impl NativeFlattener {
         time_path: &str,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let mut ids = (String::new(), String::new(), 0i64);
+        let streamed =
+            if self.streaming { self.stream(py, payload, None, (id_path, user_path, time_path), true) } else { None };
         let r = (|| -> R<Vec<OutRow>> {
+            if let Some((eid, uid, us, rows)) = streamed {
+                ids = (eid, uid, us);
+                return Ok(rows);
+            }
             let mut doc = json::parse(payload).ok_or(Decline::Parse)?;
             if !matches!(doc, V::Obj(_)) {
                 return Err(Decline::NotObject);
@@ -329,10 +374,16 @@ impl NativeFlattener {
         }
     }
 
-    /// `{"native_events": n, "declined": {reason: n}}`.
+    /// Turn the one-pass streaming path off (tests compare it with the tree path) or on (the default).
+    fn set_streaming(&mut self, on: bool) {
+        self.streaming = on;
+    }
+
+    /// `{"native_events": n, "streamed_events": n, "declined": {reason: n}}`.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let d = pyo3::types::PyDict::new(py);
         d.set_item("native_events", self.native_events)?;
+        d.set_item("streamed_events", self.streamed_events)?;
         let dec = pyo3::types::PyDict::new(py);
         for (k, v) in &self.declines {
             dec.set_item(*k, *v)?;
@@ -393,18 +444,19 @@ impl NativeFlattener {
                         }
                         self.table_str.insert(r.table.clone(), PyString::new(py, &r.table).unbind());
                     }
-                    let types = match self.types_bytes.get(&r.types) {
-                        Some(b) => b.bind(py).clone(),
+                    let last = self.last_types.get(&r.table).filter(|(t, _)| *t == r.types).map(|(_, b)| b.bind(py).clone());
+                    let types = match last {
+                        Some(b) => b,
                         None => {
-                            if self.types_bytes.len() >= 4096 {
-                                self.types_bytes.clear();
+                            let b = self.types_for(py, &r.types);
+                            if self.last_types.len() >= 4096 {
+                                self.last_types.clear();
                             }
-                            let b = PyBytes::new(py, &r.types);
-                            self.types_bytes.insert(r.types.clone(), b.clone().unbind());
+                            self.last_types.insert(r.table.clone(), (r.types.clone(), b.clone().unbind()));
                             b
                         }
                     };
-                    items.push(PyTuple::new(
+                    let row = PyTuple::new(
                         py,
                         [
                             self.table_str[&r.table].bind(py).clone().into_any(),
@@ -412,7 +464,11 @@ impl NativeFlattener {
                             PyBytes::new(py, &r.cols).into_any(),
                             types.into_any(),
                         ],
-                    )?);
+                    )?;
+                    // str and bytes only: the tuple can never be part of a reference cycle, so the cyclic GC
+                    // need not track it (CPython untracks such tuples itself, one collection later)
+                    unsafe { pyo3::ffi::PyObject_GC_UnTrack(row.as_ptr().cast()) };
+                    items.push(row);
                     if self.pool.len() < 64 {
                         let (mut c, mut t) = (r.cols, r.types);
                         c.clear();
@@ -424,6 +480,19 @@ impl NativeFlattener {
                 Ok(Some(PyList::new(py, items)?))
             }
         }
+    }
+
+    /// The shared bytes object for a row's types JSON (same shape and types, same object).
+    fn types_for<'py>(&mut self, py: Python<'py>, types: &[u8]) -> Bound<'py, PyBytes> {
+        if let Some(b) = self.types_bytes.get(types) {
+            return b.bind(py).clone();
+        }
+        if self.types_bytes.len() >= 4096 {
+            self.types_bytes.clear();
+        }
+        let b = PyBytes::new(py, types);
+        self.types_bytes.insert(types.to_vec(), b.clone().unbind());
+        b
     }
 
     // ---------------------------------------------------------- names
@@ -566,12 +635,31 @@ impl NativeFlattener {
     }
 
     fn event_time(&mut self, us: i64) -> R<String> {
-        let sec = us.div_euclid(1_000_000);
-        if self.et_cache.0 != sec {
-            let full = ts::event_time(sec * 1_000_000).ok_or(Decline::EventTime)?;
-            self.et_cache = (sec, full[..19].to_owned());
+        // `YYYY-MM-DDT` cached per day; the time of day and fraction written digit by digit
+        let day = us.div_euclid(86_400_000_000);
+        if self.et_cache.0 != day {
+            let full = ts::event_time(day * 86_400_000_000).ok_or(Decline::EventTime)?;
+            self.et_cache = (day, full[..11].to_owned());
         }
-        Ok(format!("{}.{:06}Z", self.et_cache.1, us.rem_euclid(1_000_000)))
+        let in_day = us.rem_euclid(86_400_000_000);
+        let sod = (in_day / 1_000_000) as u32;
+        let frac = (in_day % 1_000_000) as u32;
+        let mut out = String::with_capacity(27);
+        out.push_str(&self.et_cache.1);
+        let digits = |out: &mut String, v: u32, places: &[u32]| {
+            for &k in places {
+                out.push(char::from(b'0' + ((v / k) % 10) as u8));
+            }
+        };
+        digits(&mut out, sod / 3600, &[10, 1]);
+        out.push(':');
+        digits(&mut out, (sod / 60) % 60, &[10, 1]);
+        out.push(':');
+        digits(&mut out, sod % 60, &[10, 1]);
+        out.push('.');
+        digits(&mut out, frac, &[100_000, 10_000, 1_000, 100, 10, 1]);
+        out.push('Z');
+        Ok(out)
     }
 
     fn flatten(&mut self, py: Python<'_>, doc: &V, eid: &str, uid: &str, us: i64) -> R<Vec<OutRow>> {
@@ -792,36 +880,16 @@ impl NativeFlattener {
 
     #[allow(clippy::too_many_arguments)]
     fn child_rows(&mut self, py: Python<'_>, a: &[V], child: &Rc<str>, es: usize, parent_id: &str, ctx: &mut Ctx, scalar: bool) -> R<()> {
-        let mut h0 = Sha256::new();
-        h0.update(ctx.event_id.as_bytes());
-        h0.update(b"\x1f");
-        h0.update(parent_id.as_bytes());
-        h0.update(b"\x1f");
-        h0.update(child.as_bytes());
-        h0.update(b"\x1f");
+        let h0 = child_hasher(ctx.event_id, parent_id, child);
         let value_names = if scalar { Some(self.names(py, es, ["value"].into_iter(), 1)?) } else { None };
         for (i, el) in a.iter().enumerate() {
             if matches!(el, V::Null) {
                 continue;
             }
-            let mut h = h0.clone();
-            h.update(i.to_string().as_bytes());
-            let rid = json::hex(&h.finalize()[..16]);
-            let mut r = OutRow { table: child.clone(), row_id: rid.clone(), cols: self.buf(), types: self.buf(), n: 0 };
-            r.cols.push(b'{');
-            r.types.push(b'{');
-            r.key("_row_id", "STRING");
-            write_str(&mut r.cols, &rid);
-            r.key("_parent_row_id", "STRING");
-            write_str(&mut r.cols, parent_id);
-            r.key("_event_id", "STRING");
-            write_str(&mut r.cols, ctx.event_id);
-            r.key("_index", "INT64");
-            write_i64(&mut r.cols, i as i64);
-            r.key("_event_time", "TIMESTAMP");
-            write_str(&mut r.cols, ctx.et);
+            let mut r = self.child_row(&h0, i, child, parent_id, ctx.event_id, ctx.et);
             let slot = ctx.rows.len();
             ctx.rows.push(None);
+            let rid = std::mem::take(&mut r.row_id);
             if let Some(vn) = &value_names {
                 self.value(py, &vn[0], el, es, &mut r, &rid, ctx)?;
             } else if let V::Obj(o) = el {
@@ -829,6 +897,7 @@ impl NativeFlattener {
                     self.walk(py, o, es, &mut r, &rid, ctx)?;
                 }
             }
+            r.row_id = rid;
             if r.n > MAX_COLUMNS {
                 return Err(Decline::TooManyColumns);
             }
@@ -837,6 +906,29 @@ impl NativeFlattener {
             ctx.rows[slot] = Some(r);
         }
         Ok(())
+    }
+
+    /// A child row opened with its header columns (`flatten.core.child_row_id` for its id); the caller
+    /// writes its columns and closes it.
+    pub(crate) fn child_row(&mut self, h0: &Sha256, i: usize, child: &Rc<str>, parent_id: &str, eid: &str, et: &str) -> OutRow {
+        let mut h = h0.clone();
+        h.update(itoa::Buffer::new().format(i).as_bytes());
+        let rid = json::hex(&h.finalize()[..16]);
+        let mut r = OutRow { table: child.clone(), row_id: String::new(), cols: self.buf(), types: self.buf(), n: 0 };
+        r.cols.push(b'{');
+        r.types.push(b'{');
+        r.key("_row_id", "STRING");
+        write_str(&mut r.cols, &rid);
+        r.key("_parent_row_id", "STRING");
+        write_str(&mut r.cols, parent_id);
+        r.key("_event_id", "STRING");
+        write_str(&mut r.cols, eid);
+        r.key("_index", "INT64");
+        write_i64(&mut r.cols, i as i64);
+        r.key("_event_time", "TIMESTAMP");
+        write_str(&mut r.cols, et);
+        r.row_id = rid;
+        r
     }
 
     // ---------------------------------------------------------- masking

@@ -147,16 +147,28 @@ pub fn event_time(us: i64) -> Option<String> {
     if !(1..=9999).contains(&y) {
         return None;
     }
-    Some(format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        y,
-        m,
-        d,
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60,
-        frac
-    ))
+    // `YYYY-MM-DDTHH:MM:SS.ffffffZ`, digit by digit (this runs per event: no formatting machinery)
+    let mut out = String::with_capacity(27);
+    fn put(out: &mut String, v: i64, width: u32) {
+        for k in (0..width).rev() {
+            out.push(char::from(b'0' + ((v / 10i64.pow(k)) % 10) as u8));
+        }
+    }
+    put(&mut out, y, 4);
+    out.push('-');
+    put(&mut out, m as i64, 2);
+    out.push('-');
+    put(&mut out, d as i64, 2);
+    out.push('T');
+    put(&mut out, sod / 3600, 2);
+    out.push(':');
+    put(&mut out, (sod / 60) % 60, 2);
+    out.push(':');
+    put(&mut out, sod % 60, 2);
+    out.push('.');
+    put(&mut out, frac, 6);
+    out.push('Z');
+    Some(out)
 }
 
 /// Microseconds since the epoch of a strict `YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z` string, else None.

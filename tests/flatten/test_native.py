@@ -192,6 +192,77 @@ def test_native_equals_python_on_arbitrary_documents(doc, opts, anns, style, eve
     check(ff, payload, mask=True, event_id=event_id)  # warm caches give the same answer
 
 
+# ------------------------------------------------------------------ the one-pass streaming path
+
+def both_paths(opts, anns):
+    """Two native flatteners: one-pass streaming first (the default), and tree path only."""
+    streamed = fast.FastFlattener(opts, anns, DEV_KEY, use_native=True)
+    tree = fast.FastFlattener(opts, anns, DEV_KEY, use_native=True)
+    tree._nf.set_streaming(False)
+    return streamed, tree
+
+
+envelope_ids = st.one_of(st.text(max_size=6), st.integers(-(2**64), 2**64), st.none(), st.booleans(),
+                         st.just({"nested": 1}), st.just([1]))
+envelope_times = st.one_of(st.sampled_from(["2026-03-01T12:34:56.789Z", "2026-03-01T12:34:56Z", "1970-01-01T00:00:00Z",
+                                            "2026-03-01T12:34:56+01:00", "yesterday", "2200-01-01T00:00:00Z"]),
+                           st.integers(0, 2**40), st.none())
+
+
+@SETTINGS
+@given(doc=documents, opts=options, anns=st.lists(annotation, max_size=3), style=st.integers(0, 2),
+       eid=envelope_ids, uid=envelope_ids, ts=envelope_times, where=st.lists(st.integers(0, 8), min_size=3, max_size=3),
+       mask_user=st.sampled_from([None, "tokenize", "hash", "drop"]))
+def test_streaming_equals_tree_path(doc, opts, anns, style, eid, uid, ts, where, mask_user):
+    """Envelope fields anywhere (before or after arrays, missing, not scalars, masked), any document: the
+    streaming path gives exactly what the tree path gives (rows, ids, or a decline), for both entry points."""
+    if mask_user:
+        anns = [*anns, ColumnAnnotation(path="user.id", pii=mask_user)]
+    items = list(doc.items())
+    for (k, v), w in zip([("id", eid), ("user", {"id": uid}), ("timestamp", ts)], where):
+        if v is not None or w % 2:  # sometimes absent
+            items = [(a, b) for a, b in items if a != k]
+            items.insert(min(w, len(items)), (k, v))
+    payload = encode(dict(items), style)
+    streamed, tree = both_paths(opts, anns)
+    for _ in range(2):  # cold and warm caches
+        assert streamed.native_event(payload, "id", "user.id", "timestamp") == \
+            tree.native_event(payload, "id", "user.id", "timestamp")
+        for mask in (False, True):
+            assert streamed._nf.process(payload, "evt-1", "user-1", ET, mask) == \
+                tree._nf.process(payload, "evt-1", "user-1", ET, mask)
+    assert streamed.stats()["declined"] == tree.stats()["declined"]
+
+
+def test_streaming_path_serves_typical_events():
+    """The benchmark's and the demo's events go through the one-pass path (no silent fallback to the tree)."""
+    from deploy.synth import acme_event
+
+    ff = fast.FastFlattener(FlattenOptions(), ANNOTATIONS, DEV_KEY, use_native=True)
+    rng = random.Random(5)
+    for i in range(50):
+        assert ff.native_event(orjson.dumps(reference_event(i)), "id", "user.id", "timestamp") is not None
+        assert ff.rows(orjson.dumps(acme_event(i, rng)), f"e{i}", "u", ET)
+    s = ff.stats()
+    assert s["native_events"] == s["streamed_events"] == 100
+
+
+@pytest.mark.parametrize("payload, streams", [
+    (b'{"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z","a":[{"b":1},null,{"c":[{"d":2}]}]}', True),
+    (b'{"a":[{"b":1}],"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z"}', False),  # array before ids
+    (b'{"id":"e","id":"f","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z"}', False),  # duplicate key
+    (b'{"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z","A b":1,"a_b":2}', False),  # name collision
+    (b'{"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z","a":[{"b":1},2]}', False),  # mixed array
+    (b'{"id":"e","user":[{"id":"u"}],"timestamp":"2026-03-01T00:00:00Z"}', False),  # user id not under objects
+    (b'{"id":7,"user":{"id":"u"},"timestamp":"2026-03-01T00:00:00.5Z"}', True),
+])
+def test_streaming_gives_up_to_the_tree_path(payload, streams):
+    streamed, tree = both_paths(FlattenOptions(), ANNOTATIONS)
+    assert streamed.native_event(payload, "id", "user.id", "timestamp") == \
+        tree.native_event(payload, "id", "user.id", "timestamp")
+    assert streamed.stats()["streamed_events"] == int(streams)
+
+
 @pytest.mark.parametrize("payload", [
     b'{"a":1,"b":2,"a":3}', b' {"a" : [1 , 2.5, -0 ]} ', b'{"a":-0.0}', b'{"a":1e400}', b'{"a":"\\ud800"}',
     b'{"a":"\\ud83d\\ude00 \\u0000 \\"q\\" \\\\ \\/ \\b\\f\\n\\r\\t\x7f"}', b"[1,2]", b'"x"', b"{", b'{"a":1}x',
