@@ -158,6 +158,13 @@ class FastFlattener:
             return None
         return self._nf.process_event(payload, id_path, user_path, time_path)
 
+    def native_envelope_fn(self) -> Any:
+        """The bound native ``envelope(payload, max_nesting, id_path, user_path, time_path)`` (parse + depth check +
+        mask + envelope + masked document bytes, as ``ingest.envelope.EnvelopeParser`` on its accepting path),
+        or None when the accelerator is not built. It returns ``(event_id, user_id, event_time_us, doc)`` or None
+        (not handled natively: run the Python parser)."""
+        return None if self._nf is None else self._nf.envelope
+
     @property
     def native_event_fn(self) -> Any:
         """The bound native ``process_event`` (hot loops: saves a Python frame per event), or None."""

@@ -88,7 +88,10 @@ def parse_event_time_us(value: Any, fmt: str = "auto") -> int:
         scale = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1}.get(fmt)
         if scale is None:
             raise ValueError(f"event time {value!r} is a number but the format is {fmt}")
-        us = int(round(value * scale))
+        scaled = value * scale
+        if isinstance(scaled, float) and not math.isfinite(scaled):  # 1e305 ms: overflows, not an instant
+            raise ValueError(f"event time {value!r} is out of range")
+        us = int(round(scaled))
     elif isinstance(value, str):
         s = value.strip()
         try:
@@ -110,13 +113,20 @@ class EnvelopeParser:
     it never raises for any payload bytes.
     """
 
-    def __init__(self, envelope: Any, masker: Masker, step: str = "ParseEnvelope"):
+    def __init__(self, envelope: Any, masker: Masker, step: str = "ParseEnvelope", native: Any = None):
+        """``native``: a :class:`flatten.fast.FastFlattener` built with the same annotations and key as ``masker``;
+        when its accelerator is built, well-formed events take the compiled path (identical Events; anything it
+        does not handle, and every dead letter, goes through the Python code below)."""
         self.env = envelope
         self.masker = masker
         self.step = step
         self._id_attr = self._attr(envelope.event_id)
         self._user_attr = self._attr(envelope.user_id)
         self._time_attr = self._attr(envelope.event_time)
+        self._native = None
+        if native is not None and not (self._id_attr or self._user_attr or self._time_attr) \
+                and envelope.event_time_format in ("auto", "iso8601"):
+            self._native = native.native_envelope_fn()
 
     @staticmethod
     def _attr(locator: str) -> Optional[str]:
@@ -149,6 +159,12 @@ class EnvelopeParser:
             return self._dead(msg, Reason.TOO_LARGE,
                               f"payload is {len(payload)} bytes, limit max_payload_bytes={env.max_payload_bytes}",
                               now_us, keep_payload=False)
+        if self._native is not None:
+            fast = self._native(payload, env.max_nesting, env.event_id, env.user_id, env.event_time)
+            if fast is not None:
+                event_id, user_id, event_time_us, doc = fast
+                return Event(partner=msg.partner, event_id=event_id, user_id=user_id, event_time_us=event_time_us,
+                             coords=msg.coords, source=msg.source, doc=doc)
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -8,7 +8,9 @@ from typing import Mapping
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from flatten.fast import FastFlattener
 from flatten.mask import Masker, load_mask_key
+from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 from ingest.contract import Contract
 from ingest import progress
@@ -31,8 +33,10 @@ class _ParseFn(beam.DoFn):
     def setup(self) -> None:
         m = self._contract.masking
         key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
+        # the compiled accelerator (flatten.fast) takes well-formed events when built; Python decides the rest
         self._parsers = {
-            p.name: EnvelopeParser(p.envelope, Masker(p.columns, key), step=self._step)
+            p.name: EnvelopeParser(p.envelope, Masker(p.columns, key), step=self._step,
+                                   native=FastFlattener(FlattenOptions(), p.columns, key))
             for p in self._contract.partners
         }
 

@@ -205,6 +205,8 @@ struct NativeFlattener {
     percol_scalar: Option<PyObject>,
     native_events: u64,
     streamed_events: u64,
+    envelope_events: u64,
+    envelope_declined: u64,
     /// a streaming name cache is over its bound: trim before the next event
     trim_due: bool,
     /// try the one-pass streaming path first (stream.rs)
@@ -285,6 +287,8 @@ impl NativeFlattener {
             percol_scalar,
             native_events: 0,
             streamed_events: 0,
+            envelope_events: 0,
+            envelope_declined: 0,
             trim_due: false,
             streaming: true,
             declines: FxHashMap::default(),
@@ -374,6 +378,55 @@ impl NativeFlattener {
         }
     }
 
+    /// `ingest.envelope.EnvelopeParser.parse`'s accepting path, natively: parse, nesting depth (objects and
+    /// arrays; the root object is 1) within `max_nesting`, mask, envelope (dotted paths as `lookup_path`,
+    /// string/int ids, event time `YYYY-MM-DDTHH:MM:SS[.f]Z` in 1970..2200) and the masked document as
+    /// `orjson.dumps` writes it. Returns `(event_id, user_id, event_time_us, masked_doc)`, or None for
+    /// anything else (the Python parser then decides, dead letters included). Counted apart from `process*`.
+    fn envelope<'py>(
+        &mut self,
+        py: Python<'py>,
+        payload: &[u8],
+        max_nesting: usize,
+        id_path: &str,
+        user_path: &str,
+        time_path: &str,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let r = (|| -> Option<(String, String, i64, Vec<u8>)> {
+            let mut doc = json::parse(payload)?;
+            if !matches!(doc, V::Obj(_)) || nesting(&doc, 1, max_nesting) > max_nesting {
+                return None;
+            }
+            self.mask_doc(py, &mut doc).ok()?;
+            let us = match lookup(&doc, time_path) {
+                Some(V::Str(s)) => ts::iso_z_to_us(s)?,
+                _ => return None,
+            };
+            if !(0..7_258_118_400_000_000).contains(&us) {
+                return None;
+            }
+            let uid = id_text(lookup(&doc, user_path)).ok()?;
+            let eid = id_text(lookup(&doc, id_path)).ok()?;
+            let mut out = Vec::with_capacity(payload.len() + 64);
+            write_value(&mut out, &doc, false);
+            Some((eid, uid, us, out))
+        })();
+        let Some((eid, uid, us, out)) = r else {
+            self.envelope_declined += 1;
+            return Ok(None);
+        };
+        self.envelope_events += 1;
+        Ok(Some(PyTuple::new(
+            py,
+            [
+                PyString::new(py, &eid).into_any(),
+                PyString::new(py, &uid).into_any(),
+                us.into_pyobject(py)?.into_any(),
+                PyBytes::new(py, &out).into_any(),
+            ],
+        )?))
+    }
+
     /// Turn the one-pass streaming path off (tests compare it with the tree path) or on (the default).
     fn set_streaming(&mut self, on: bool) {
         self.streaming = on;
@@ -384,6 +437,8 @@ impl NativeFlattener {
         let d = pyo3::types::PyDict::new(py);
         d.set_item("native_events", self.native_events)?;
         d.set_item("streamed_events", self.streamed_events)?;
+        d.set_item("envelope_events", self.envelope_events)?;
+        d.set_item("envelope_declined", self.envelope_declined)?;
         let dec = pyo3::types::PyDict::new(py);
         for (k, v) in &self.declines {
             dec.set_item(*k, *v)?;
@@ -416,6 +471,32 @@ fn lookup<'a, 'b>(doc: &'b V<'a>, path: &str) -> Option<&'b V<'a>> {
         };
     }
     Some(cur)
+}
+
+/// `ingest.envelope.nesting_depth`: depth of containers (an object is 1), counting stops past `limit`.
+fn nesting(v: &V, d: usize, limit: usize) -> usize {
+    if d > limit {
+        return d;
+    }
+    let mut deepest = d;
+    match v {
+        V::Obj(o) => {
+            for (_, x) in o {
+                if matches!(x, V::Obj(_) | V::Arr(_)) {
+                    deepest = deepest.max(nesting(x, d + 1, limit));
+                }
+            }
+        }
+        V::Arr(a) => {
+            for x in a {
+                if matches!(x, V::Obj(_) | V::Arr(_)) {
+                    deepest = deepest.max(nesting(x, d + 1, limit));
+                }
+            }
+        }
+        _ => {}
+    }
+    deepest
 }
 
 fn id_text(v: Option<&V>) -> R<String> {

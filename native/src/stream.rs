@@ -41,6 +41,8 @@ struct SCtx<'p> {
     rows: Vec<Option<OutRow>>,
     /// (segment hash, keynames index) of the kept keys of the objects being walked (collision checks)
     seen: Vec<(u64, usize)>,
+    /// envelope fields read so far (bits: id, user, time)
+    found: u8,
     /// scratch: the current column name (copied out of the site cache, which `self` owns)
     name: String,
 }
@@ -74,6 +76,7 @@ impl NativeFlattener {
             rows: Vec::with_capacity(16),
             seen: Vec::with_capacity(64),
             name: String::new(),
+            found: 0,
         };
         let live = match known {
             Some((e, u, us)) => {
@@ -254,6 +257,7 @@ impl NativeFlattener {
         let ki = self.key_name(py, site, pos, key)?;
         // envelope paths through this key: `full` ends here, `clive` continues below
         let (mut full, mut clive) = (0u8, 0u8);
+        let live = live & !c.found; // a field already read cannot match again (a second one is a duplicate key)
         if live != 0 {
             for j in 0..3 {
                 if live & (1 << j) != 0 {
@@ -300,15 +304,24 @@ impl NativeFlattener {
             };
             return self.s_obj(py, p, sub, row, row_id, c, &hit, clive, d + 1);
         }
-        if b == b'[' && hit.is_empty() && full == 0 && !self.sites[site].deep && c.eid.is_some() && c.us.is_some() {
+        if b == b'[' && pol.is_none() && full == 0 && !self.sites[site].deep && c.eid.is_some() && c.us.is_some() {
+            // the annotation nodes each element reaches (Masker._apply on a list); a policy on the elements
+            // themselves (which may drop some and shift the indices) is left to the tree path
+            let el: Vec<usize> = if hit.is_empty() {
+                Vec::new()
+            } else {
+                let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
+                el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
+                el
+            };
             let at = p.i;
             p.i += 1;
             p.ws();
             let objects = p.peek()? == b'{';
             p.i = at;
-            if objects {
+            if objects && self.strongest(&el).is_none() {
                 self.s_seen(site, ki, c, base)?;
-                return self.s_objects(py, p, site, ki, row_id, c, d);
+                return self.s_objects(py, p, site, ki, row_id, c, &el, d);
             }
         }
         let mut v = match b {
@@ -356,6 +369,7 @@ impl NativeFlattener {
         ki: usize,
         row_id: Option<&str>,
         c: &mut SCtx,
+        el: &[usize],
         d: usize,
     ) -> Option<()> {
         p.i += 1;
@@ -383,7 +397,7 @@ impl NativeFlattener {
                     let slot = c.rows.len();
                     c.rows.push(None);
                     let rid = std::mem::take(&mut r.row_id);
-                    self.s_obj(py, p, es, &mut r, Some(&rid), c, &[], 0, d + 1)?;
+                    self.s_obj(py, p, es, &mut r, Some(&rid), c, el, 0, d + 2)?;
                     r.row_id = rid;
                     if r.n > MAX_COLUMNS {
                         return None;
@@ -427,6 +441,7 @@ impl NativeFlattener {
 
     /// Record envelope fields (`full`: bits id, user, time) from their (masked) value.
     fn s_envelope(&mut self, full: u8, v: &V, c: &mut SCtx) -> Option<()> {
+        c.found |= full;
         if full & 1 != 0 {
             c.eid = Some(id_text(Some(v)).ok()?);
         }
