@@ -99,6 +99,25 @@ impl<'a> Parser<'a> {
         self.b.get(self.i).copied()
     }
 
+    /// After a member of an object or array: true at `,` (consumed, with the whitespace after it), false at
+    /// `close` (consumed), None at anything else.
+    #[inline(always)]
+    pub(crate) fn next_or_close(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                self.ws();
+                Some(true)
+            }
+            c if c == close => {
+                self.i += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+
     /// At an `n`: the literal null.
     pub(crate) fn null(&mut self) -> Option<()> {
         self.lit(b"null", V::Null).map(|_| ())
@@ -139,17 +158,8 @@ impl<'a> Parser<'a> {
             loop {
                 let v = self.value()?;
                 self.vals.push(v);
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b']' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.next_or_close(b']')? {
+                    break;
                 }
             }
         }
@@ -198,17 +208,8 @@ impl<'a> Parser<'a> {
                         self.pairs.push((k, v));
                     }
                 }
-                self.ws();
-                match self.peek()? {
-                    b',' => {
-                        self.i += 1;
-                        self.ws();
-                    }
-                    b'}' => {
-                        self.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.next_or_close(b'}')? {
+                    break;
                 }
             }
         }
@@ -317,13 +318,7 @@ impl<'a> Parser<'a> {
         let int_end = i;
         let mut float = false;
         if b.get(i) == Some(&b'.') {
-            i += 1;
-            if !matches!(b.get(i), Some(b'0'..=b'9')) {
-                return None;
-            }
-            while matches!(b.get(i), Some(b'0'..=b'9')) {
-                i += 1;
-            }
+            i = digits(b, i + 1)?;
             float = true;
         }
         if matches!(b.get(i), Some(b'e' | b'E')) {
@@ -331,12 +326,7 @@ impl<'a> Parser<'a> {
             if matches!(b.get(i), Some(b'+' | b'-')) {
                 i += 1;
             }
-            if !matches!(b.get(i), Some(b'0'..=b'9')) {
-                return None;
-            }
-            while matches!(b.get(i), Some(b'0'..=b'9')) {
-                i += 1;
-            }
+            i = digits(b, i)?;
             float = true;
         }
         self.i = i;
@@ -370,6 +360,17 @@ impl<'a> Parser<'a> {
         }
         Some(V::Float(f))
     }
+}
+
+/// The end of a run of at least one ASCII digit starting at `i`.
+fn digits(b: &[u8], mut i: usize) -> Option<usize> {
+    if !matches!(b.get(i), Some(b'0'..=b'9')) {
+        return None;
+    }
+    while matches!(b.get(i), Some(b'0'..=b'9')) {
+        i += 1;
+    }
+    Some(i)
 }
 
 fn hex4(h: &[u8]) -> Option<u32> {

@@ -218,17 +218,8 @@ impl NativeFlattener {
                 p.ws();
                 self.s_member(py, p, &key, pos, site, row, row_id, c, mask, live, d, base)?;
                 pos += 1;
-                p.ws();
-                match p.peek()? {
-                    b',' => {
-                        p.i += 1;
-                        p.ws();
-                    }
-                    b'}' => {
-                        p.i += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !p.next_or_close(b'}')? {
+                    break;
                 }
             }
         }
@@ -410,17 +401,8 @@ impl NativeFlattener {
                 _ => return None,
             }
             i += 1;
-            p.ws();
-            match p.peek()? {
-                b',' => {
-                    p.i += 1;
-                    p.ws();
-                }
-                b']' => {
-                    p.i += 1;
-                    break;
-                }
-                _ => return None,
+            if !p.next_or_close(b']')? {
+                break;
             }
         }
         p.depth -= 1;
