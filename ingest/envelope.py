@@ -124,6 +124,7 @@ class EnvelopeParser:
         self._user_attr = self._attr(envelope.user_id)
         self._time_attr = self._attr(envelope.event_time)
         self._native = None
+        self.python_events = 0  # payloads the Python code below parsed (the compiled path declined or is off)
         if native is not None and not (self._id_attr or self._user_attr or self._time_attr) \
                 and envelope.event_time_format in ("auto", "iso8601"):
             self._native = native.native_envelope_fn()
@@ -165,6 +166,7 @@ class EnvelopeParser:
                 event_id, user_id, event_time_us, doc = fast
                 return Event(partner=msg.partner, event_id=event_id, user_id=user_id, event_time_us=event_time_us,
                              coords=msg.coords, source=msg.source, doc=doc)
+        self.python_events += 1
         try:
             payload.decode("utf-8")
         except UnicodeDecodeError as exc:

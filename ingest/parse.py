@@ -29,6 +29,8 @@ class _ParseFn(beam.DoFn):
         self._parsers: Mapping[str, EnvelopeParser] = {}
         self._events = Metrics.counter("headwater", "events_parsed")
         self._dead = Metrics.counter("headwater", "dead_letters_parse")
+        # payloads the compiled envelope path did not take (dead letters, epoch times, attribute locators, ...)
+        self._py_events = Metrics.counter("headwater", "envelope_python_path_events")
 
     def setup(self) -> None:
         m = self._contract.masking
@@ -53,7 +55,10 @@ class _ParseFn(beam.DoFn):
                 message=f"no partner {msg.partner!r} in the contract", step=self._step, event_time_us=None,
                 processing_time_us=now_us))
             return
+        before = parser.python_events
         out = parser.parse(msg, now_us)
+        if parser.python_events != before:
+            self._py_events.inc()
         if isinstance(out, Event):
             self._events.inc()
             # Keeps the source's timestamp (arrival side of the watermark) until after dedup:

@@ -177,6 +177,7 @@ def test_compiled_path_takes_well_formed_events():
     bad = p.parse(msg(b'{"id": 1'), 1)
     assert isinstance(bad, DeadLetter) and bad.reason == Reason.MALFORMED_JSON
     assert ff.stats()["envelope_events"] == 20 and ff.stats()["envelope_declined"] == 1
+    assert p.python_events == 1  # only the malformed payload ran the Python code
 
 
 good_ids = st.one_of(st.text(min_size=1, max_size=6), st.integers(-(2**63), 2**64 - 1))
