@@ -1,5 +1,6 @@
 """Pure envelope parsing: each kind of bad input gets its own dead-letter reason; masking happens first."""
 import json
+import re
 from datetime import datetime
 
 import orjson
@@ -180,6 +181,7 @@ def test_compiled_path_takes_well_formed_events():
     assert p.python_events == 1  # only the malformed payload ran the Python code
 
 
+NEG_ZERO = re.compile(rb"-0(\.0*)?([eE][-+]?[0-9]+)?(?![0-9.eE])")
 good_ids = st.one_of(st.text(min_size=1, max_size=6), st.integers(-(2**63), 2**64 - 1))
 
 
@@ -195,7 +197,9 @@ def test_compiled_path_equals_python_on_well_formed_events(eid, uid, ts, rest, f
     ff = FastFlattener(FlattenOptions(), ANNS, KEY)
     fast, slow = EnvelopeParser(env, Masker(ANNS, KEY), native=ff), parser(ANNS, env, native=False)
     a, b = fast.parse(msg(payload), 1), slow.parse(msg(payload), 1)
-    if isinstance(b, Event):  # in range and ISO: the compiled path must have taken it (no silent fallback)
+    if isinstance(b, Event) and not NEG_ZERO.search(payload):
+        # in range and ISO: the compiled path must have taken it (no silent fallback); negative zero is its one
+        # documented decline here (orjson reads -0 as int 0, -0.0 as a float: the Python code decides)
         assert ff.stats()["envelope_events"] == 1
     if isinstance(a, DeadLetter) and a.payload.startswith(b"enc:v1:"):
         a, b = a._replace(payload=b""), b._replace(payload=b"")
