@@ -49,6 +49,8 @@ pub(crate) struct Parser<'a> {
     pub(crate) b: &'a [u8],
     pub(crate) i: usize,
     pub(crate) depth: u32,
+    /// the deepest nesting entered so far (the root object is 1)
+    pub(crate) max_depth: u32,
     vals: Vec<V<'a>>,
     pairs: Vec<(Cow<'a, str>, V<'a>)>,
 }
@@ -57,7 +59,7 @@ impl<'a> Parser<'a> {
     /// A parser at the first value of `b` (UTF-8 validated once here); None if `b` is not UTF-8.
     pub(crate) fn new(b: &'a [u8]) -> Option<Parser<'a>> {
         let s = simdutf8::basic::from_utf8(b).ok()?; // SIMD validation, same verdict as std's
-        let mut p = Parser { s, b: s.as_bytes(), i: 0, depth: 0, vals: Vec::new(), pairs: Vec::new() };
+        let mut p = Parser { s, b: s.as_bytes(), i: 0, depth: 0, max_depth: 0, vals: Vec::new(), pairs: Vec::new() };
         p.ws();
         Some(p)
     }
@@ -72,6 +74,7 @@ impl<'a> Parser<'a> {
     #[inline]
     pub(crate) fn enter(&mut self) -> bool {
         self.depth += 1;
+        self.max_depth = self.max_depth.max(self.depth);
         self.depth <= MAX_NESTING
     }
 

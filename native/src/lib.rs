@@ -207,6 +207,7 @@ struct NativeFlattener {
     streamed_events: u64,
     envelope_events: u64,
     envelope_declined: u64,
+    streamed_envelopes: u64,
     /// a streaming name cache is over its bound: trim before the next event
     trim_due: bool,
     /// try the one-pass streaming path first (stream.rs)
@@ -289,6 +290,7 @@ impl NativeFlattener {
             streamed_events: 0,
             envelope_events: 0,
             envelope_declined: 0,
+            streamed_envelopes: 0,
             trim_due: false,
             streaming: true,
             declines: FxHashMap::default(),
@@ -392,26 +394,35 @@ impl NativeFlattener {
         user_path: &str,
         time_path: &str,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let r = (|| -> Option<(String, String, i64, Vec<u8>)> {
-            let mut doc = json::parse(payload)?;
-            if !matches!(doc, V::Obj(_)) || nesting(&doc, 1, max_nesting) > max_nesting {
-                return None;
-            }
-            self.mask_doc(py, &mut doc).ok()?;
-            let us = match lookup(&doc, time_path) {
-                Some(V::Str(s)) => ts::iso_z_to_us(s)?,
-                _ => return None,
-            };
-            if !(0..7_258_118_400_000_000).contains(&us) {
-                return None;
-            }
-            let uid = id_text(lookup(&doc, user_path)).ok()?;
-            let eid = id_text(lookup(&doc, id_path)).ok()?;
-            let mut out = Vec::with_capacity(payload.len() + 64);
-            write_value(&mut out, &doc, false);
-            Some((eid, uid, us, out))
-        })();
-        let Some((eid, uid, us, out)) = r else {
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        let mut r = None;
+        if self.streaming {
+            r = self.stream_envelope(py, payload, max_nesting, (id_path, user_path, time_path), &mut out);
+            self.streamed_envelopes += r.is_some() as u64;
+        }
+        if r.is_none() {
+            // the tree version: duplicate keys, envelope paths through arrays, ...
+            r = (|| -> Option<(String, String, i64)> {
+                let mut doc = json::parse(payload)?;
+                if !matches!(doc, V::Obj(_)) || nesting(&doc, 1, max_nesting) > max_nesting {
+                    return None;
+                }
+                self.mask_doc(py, &mut doc).ok()?;
+                let us = match lookup(&doc, time_path) {
+                    Some(V::Str(s)) => ts::iso_z_to_us(s)?,
+                    _ => return None,
+                };
+                if !(0..7_258_118_400_000_000).contains(&us) {
+                    return None;
+                }
+                let uid = id_text(lookup(&doc, user_path)).ok()?;
+                let eid = id_text(lookup(&doc, id_path)).ok()?;
+                out.clear();
+                write_value(&mut out, &doc, false);
+                Some((eid, uid, us))
+            })();
+        }
+        let Some((eid, uid, us)) = r else {
             self.envelope_declined += 1;
             return Ok(None);
         };
@@ -439,6 +450,7 @@ impl NativeFlattener {
         d.set_item("streamed_events", self.streamed_events)?;
         d.set_item("envelope_events", self.envelope_events)?;
         d.set_item("envelope_declined", self.envelope_declined)?;
+        d.set_item("streamed_envelopes", self.streamed_envelopes)?;
         let dec = pyo3::types::PyDict::new(py);
         for (k, v) in &self.declines {
             dec.set_item(*k, *v)?;
@@ -1029,6 +1041,27 @@ impl NativeFlattener {
         !r.keys.is_empty() || r.star.is_some() || r.items.is_some() || r.policy != 0
     }
 
+    /// The annotation nodes a key with normalised name `seg` reaches from `nodes` (Masker's `hit`), into `hit`.
+    fn key_hits(&self, nodes: &[usize], seg: &str, hit: &mut Vec<usize>) {
+        for &n in nodes {
+            let nd = &self.nodes[n];
+            if let Some(&c) = nd.keys.get(seg) {
+                hit.push(c);
+            }
+            if let Some(s) = nd.star {
+                hit.push(s);
+            }
+        }
+    }
+
+    /// The nodes a list's elements reach from the list's `hit` (`Masker._apply` on a list): `[]` children,
+    /// plus the nodes with keys or `*` (objects in lists inherit them).
+    fn element_hits(&self, hit: &[usize]) -> Vec<usize> {
+        let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
+        el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
+        el
+    }
+
     fn strongest(&self, hit: &[usize]) -> Option<usize> {
         let mut pol: Option<usize> = None;
         for &n in hit {
@@ -1046,15 +1079,7 @@ impl NativeFlattener {
         while i < o.len() {
             let nk = self.normalize(py, &o[i].0)?;
             hit.clear();
-            for &n in nodes {
-                let nd = &self.nodes[n];
-                if let Some(&c) = nd.keys.get(&*nk) {
-                    hit.push(c);
-                }
-                if let Some(s) = nd.star {
-                    hit.push(s);
-                }
-            }
+            self.key_hits(nodes, &nk, &mut hit);
             if hit.is_empty() {
                 i += 1;
                 continue;
@@ -1106,8 +1131,7 @@ impl NativeFlattener {
                 if depth >= MAX_MASK_DEPTH {
                     return Ok(true);
                 }
-                let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
-                el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
+                let el = self.element_hits(hit);
                 if el.is_empty() {
                     return Ok(false);
                 }

@@ -266,16 +266,7 @@ impl NativeFlattener {
         // masking: the annotation nodes this key reaches (Masker.mask_doc's `hit`)
         let mut hit: Vec<usize> = Vec::new();
         if !mask.is_empty() {
-            let seg = &self.sites[site].keynames[ki].seg;
-            for &n in mask {
-                let nd = &self.nodes[n];
-                if let Some(&ch) = nd.keys.get(&**seg) {
-                    hit.push(ch);
-                }
-                if let Some(s) = nd.star {
-                    hit.push(s);
-                }
-            }
+            self.key_hits(mask, &self.sites[site].keynames[ki].seg, &mut hit);
         }
         let pol = if hit.is_empty() { None } else { self.strongest(&hit) };
         let b = p.peek()?;
@@ -298,13 +289,7 @@ impl NativeFlattener {
         if b == b'[' && pol.is_none() && full == 0 && !self.sites[site].deep && c.eid.is_some() && c.us.is_some() {
             // the annotation nodes each element reaches (Masker._apply on a list); a policy on the elements
             // themselves (which may drop some and shift the indices) is left to the tree path
-            let el: Vec<usize> = if hit.is_empty() {
-                Vec::new()
-            } else {
-                let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
-                el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
-                el
-            };
+            let el = self.element_hits(&hit);
             let at = p.i;
             p.i += 1;
             p.ws();
@@ -424,21 +409,239 @@ impl NativeFlattener {
     /// Record envelope fields (`full`: bits id, user, time) from their (masked) value.
     fn s_envelope(&mut self, full: u8, v: &V, c: &mut SCtx) -> Option<()> {
         c.found |= full;
-        if full & 1 != 0 {
-            c.eid = Some(id_text(Some(v)).ok()?);
-        }
-        if full & 2 != 0 {
-            c.uid = Some(id_text(Some(v)).ok()?);
-        }
-        if full & 4 != 0 {
-            let V::Str(s) = v else { return None };
-            let us = ts::iso_z_to_us(s)?;
-            if !(0..7_258_118_400_000_000).contains(&us) {
-                return None;
-            }
+        let us = envelope_fields(full, v, &mut c.eid, &mut c.uid)?;
+        if let Some(us) = us {
             c.et = self.event_time(us).ok()?;
             c.us = Some(us);
         }
+        Some(())
+    }
+}
+
+/// The envelope fields `full` (bits: id, user, time) ends at, read from their (masked) value as
+/// `process_event` reads them: ids into `eid`/`uid`; the event time (`YYYY-MM-DDTHH:MM:SS[.f]Z`, 1970..2200)
+/// returned. None = not readable here (the tree path decides).
+fn envelope_fields(full: u8, v: &V, eid: &mut Option<String>, uid: &mut Option<String>) -> Option<Option<i64>> {
+    if full & 1 != 0 {
+        *eid = Some(id_text(Some(v)).ok()?);
+    }
+    if full & 2 != 0 {
+        *uid = Some(id_text(Some(v)).ok()?);
+    }
+    if full & 4 == 0 {
+        return Some(None);
+    }
+    let V::Str(s) = v else { return None };
+    let us = ts::iso_z_to_us(s)?;
+    (0..7_258_118_400_000_000).contains(&us).then_some(Some(us))
+}
+
+// ------------------------------------------------------------------ the envelope, in one pass
+
+/// What the one-pass envelope walk has found so far.
+struct ECtx<'p, 'a> {
+    eid: Option<String>,
+    uid: Option<String>,
+    us: Option<i64>,
+    parts: [Vec<&'p str>; 3],
+    found: u8,
+    /// raw keys of the objects being walked (duplicate-key checks)
+    keys: Vec<Cow<'a, str>>,
+}
+
+impl NativeFlattener {
+    /// `ingest.envelope.EnvelopeParser`'s accepting path in one pass: the masked document is written while the
+    /// payload is parsed (as `orjson.dumps` of `Masker.mask_doc(orjson.loads(payload))`), the envelope fields
+    /// are picked up on the way, and the nesting depth is the parser's. None = use the tree version.
+    pub(crate) fn stream_envelope(
+        &mut self,
+        py: Python<'_>,
+        payload: &[u8],
+        max_nesting: usize,
+        paths: (&str, &str, &str),
+        out: &mut Vec<u8>,
+    ) -> Option<(String, String, i64)> {
+        let mut p = Parser::new(payload)?;
+        if p.peek()? != b'{' {
+            return None;
+        }
+        let mut c = ECtx {
+            eid: None,
+            uid: None,
+            us: None,
+            parts: [paths.0.split('.').collect(), paths.1.split('.').collect(), paths.2.split('.').collect()],
+            found: 0,
+            keys: Vec::with_capacity(64),
+        };
+        let root: &[usize] = if !self.nodes.is_empty() && self.has_rules() { &[0] } else { &[] };
+        self.e_obj(py, &mut p, out, &mut c, root, 0b111, 0)?;
+        if !p.at_end() || p.max_depth as usize > max_nesting {
+            return None;
+        }
+        Some((c.eid?, c.uid?, c.us?))
+    }
+
+    /// At a `{`: write the masked object.
+    #[allow(clippy::too_many_arguments)]
+    fn e_obj<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, out: &mut Vec<u8>, c: &mut ECtx<'_, 'a>,
+                 mask: &[usize], live: u8, d: usize) -> Option<()> {
+        p.i += 1;
+        if !p.enter() {
+            return None;
+        }
+        p.ws();
+        out.push(b'{');
+        let base = c.keys.len();
+        let mut first = true;
+        if p.peek()? == b'}' {
+            p.i += 1;
+        } else {
+            loop {
+                if p.peek()? != b'"' {
+                    return None;
+                }
+                let key = p.string()?;
+                if c.keys[base..].iter().any(|k| *k == key) {
+                    return None; // a duplicate key: Python keeps the first position and the last value
+                }
+                p.ws();
+                if p.peek()? != b':' {
+                    return None;
+                }
+                p.i += 1;
+                p.ws();
+                let at = out.len();
+                if !first {
+                    out.push(b',');
+                }
+                write_str(out, &key);
+                out.push(b':');
+                if self.e_member(py, p, &key, out, c, mask, live, d)? {
+                    first = false;
+                } else {
+                    out.truncate(at); // dropped by a masking policy
+                }
+                c.keys.push(key);
+                if !p.next_or_close(b'}')? {
+                    break;
+                }
+            }
+        }
+        out.push(b'}');
+        p.depth -= 1;
+        c.keys.truncate(base);
+        Some(())
+    }
+
+    /// One member's (masked) value; false = dropped.
+    #[allow(clippy::too_many_arguments)]
+    fn e_member<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, key: &str, out: &mut Vec<u8>,
+                    c: &mut ECtx<'_, 'a>, mask: &[usize], live: u8, d: usize) -> Option<bool> {
+        let (mut full, mut clive) = (0u8, 0u8);
+        let live = live & !c.found;
+        if live != 0 {
+            for j in 0..3 {
+                if live & (1 << j) != 0 && c.parts[j][d] == key {
+                    if d + 1 == c.parts[j].len() {
+                        full |= 1 << j;
+                    } else {
+                        clive |= 1 << j;
+                    }
+                }
+            }
+        }
+        let mut hit: Vec<usize> = Vec::new();
+        if !mask.is_empty() {
+            let seg = self.normalize(py, key).ok()?;
+            self.key_hits(mask, &seg, &mut hit);
+        }
+        let pol = if hit.is_empty() { None } else { self.strongest(&hit) };
+        let b = p.peek()?;
+        if pol.is_none() && full == 0 {
+            if b == b'{' {
+                self.e_obj(py, p, out, c, &hit, clive, d + 1)?;
+                return Some(true);
+            }
+            if b == b'[' {
+                self.e_arr(py, p, out, c, &hit)?;
+                return Some(true);
+            }
+        }
+        let mut v = p.value()?;
+        if let Some(n) = pol {
+            match self.policy(py, n, &v).ok()? {
+                Masked::Keep => {}
+                Masked::Drop => return Some(false),
+                Masked::Set(nv) => v = nv,
+            }
+        } else if !hit.is_empty() && matches!(v, V::Obj(_) | V::Arr(_)) && self.apply(py, &mut v, &hit, d).ok()? {
+            return Some(false);
+        }
+        if full != 0 {
+            if let Some(us) = envelope_fields(full, &v, &mut c.eid, &mut c.uid)? {
+                c.us = Some(us);
+            }
+            c.found |= full;
+        }
+        write_value(out, &v, false);
+        Some(true)
+    }
+
+    /// At a `[` reached by the annotation nodes `hit` (Masker._apply on a list): write the masked array.
+    fn e_arr<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, out: &mut Vec<u8>, c: &mut ECtx<'_, 'a>,
+                 hit: &[usize]) -> Option<()> {
+        let el = self.element_hits(hit);
+        let pol = if el.is_empty() { None } else { self.strongest(&el) };
+        p.i += 1;
+        if !p.enter() {
+            return None;
+        }
+        p.ws();
+        out.push(b'[');
+        let mut first = true;
+        if p.peek()? == b']' {
+            p.i += 1;
+        } else {
+            loop {
+                let at = out.len();
+                if !first {
+                    out.push(b',');
+                }
+                let kept = match (pol, p.peek()?) {
+                    (None, b'{') => self.e_obj(py, p, out, c, &el, 0, 0).map(|_| true)?,
+                    (None, b'[') => self.e_arr(py, p, out, c, &el).map(|_| true)?,
+                    (Some(n), _) => {
+                        let v = p.value()?;
+                        match self.policy(py, n, &v).ok()? {
+                            Masked::Keep => {
+                                write_value(out, &v, false);
+                                true
+                            }
+                            Masked::Drop => false,
+                            Masked::Set(nv) => {
+                                write_value(out, &nv, false);
+                                true
+                            }
+                        }
+                    }
+                    (None, _) => {
+                        let v = p.value()?;
+                        write_value(out, &v, false);
+                        true
+                    }
+                };
+                if kept {
+                    first = false;
+                } else {
+                    out.truncate(at);
+                }
+                if !p.next_or_close(b']')? {
+                    break;
+                }
+            }
+        }
+        out.push(b']');
+        p.depth -= 1;
         Some(())
     }
 }

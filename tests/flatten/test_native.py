@@ -231,6 +231,9 @@ def test_streaming_equals_tree_path(doc, opts, anns, style, eid, uid, ts, where,
         for mask in (False, True):
             assert streamed._nf.process(payload, "evt-1", "user-1", ET, mask) == \
                 tree._nf.process(payload, "evt-1", "user-1", ET, mask)
+        for max_nesting in (3, 32):
+            assert streamed._nf.envelope(payload, max_nesting, "id", "user.id", "timestamp") == \
+                tree._nf.envelope(payload, max_nesting, "id", "user.id", "timestamp")
     assert streamed.stats()["declined"] == tree.stats()["declined"]
 
 
@@ -243,8 +246,10 @@ def test_streaming_path_serves_typical_events():
     for i in range(50):
         assert ff.native_event(orjson.dumps(reference_event(i)), "id", "user.id", "timestamp") is not None
         assert ff.rows(orjson.dumps(acme_event(i, rng)), f"e{i}", "u", ET)
+        assert ff._nf.envelope(orjson.dumps(reference_event(i)), 32, "id", "user.id", "timestamp") is not None
     s = ff.stats()
     assert s["native_events"] == s["streamed_events"] == 100
+    assert s["envelope_events"] == s["streamed_envelopes"] == 50
 
 
 @pytest.mark.parametrize("payload, streams", [
