@@ -102,6 +102,38 @@ impl<'a> Parser<'a> {
         self.b.get(self.i).copied()
     }
 
+    /// At a `{` or `[`: step in (None beyond the nesting limit). True when a member follows, false when
+    /// `close` ends it at once (consumed).
+    #[inline(always)]
+    pub(crate) fn open(&mut self, close: u8) -> Option<bool> {
+        if !self.enter() {
+            return None;
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek()? == close {
+            self.i += 1;
+            return Some(false);
+        }
+        Some(true)
+    }
+
+    /// At an object member: its key; the parser is left at the value.
+    #[inline(always)]
+    pub(crate) fn member_key(&mut self) -> Option<Cow<'a, str>> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let k = self.string()?;
+        self.ws();
+        if self.peek()? != b':' {
+            return None;
+        }
+        self.i += 1;
+        self.ws();
+        Some(k)
+    }
+
     /// After a member of an object or array: true at `,` (consumed, with the whitespace after it), false at
     /// `close` (consumed), None at anything else.
     #[inline(always)]
@@ -149,15 +181,8 @@ impl<'a> Parser<'a> {
     }
 
     fn array(&mut self) -> Option<V<'a>> {
-        if !self.enter() {
-            return None;
-        }
-        self.i += 1; // [
-        self.ws();
         let base = self.vals.len();
-        if self.peek()? == b']' {
-            self.i += 1;
-        } else {
+        if self.open(b']')? {
             loop {
                 let v = self.value()?;
                 self.vals.push(v);
@@ -171,27 +196,11 @@ impl<'a> Parser<'a> {
     }
 
     fn object(&mut self) -> Option<V<'a>> {
-        if !self.enter() {
-            return None;
-        }
-        self.i += 1; // {
-        self.ws();
         let base = self.pairs.len();
         let mut idx: Option<FxHashMap<Cow<'a, str>, usize>> = None;
-        if self.peek()? == b'}' {
-            self.i += 1;
-        } else {
+        if self.open(b'}')? {
             loop {
-                if self.peek()? != b'"' {
-                    return None;
-                }
-                let k = self.string()?;
-                self.ws();
-                if self.peek()? != b':' {
-                    return None;
-                }
-                self.i += 1;
-                self.ws();
+                let k = self.member_key()?;
                 let v = self.value()?;
                 // duplicate keys: first position, last value (a Python dict)
                 let n = self.pairs.len() - base;

@@ -562,13 +562,7 @@ impl NativeFlattener {
                     // need not track it (CPython untracks such tuples itself, one collection later)
                     unsafe { pyo3::ffi::PyObject_GC_UnTrack(row.as_ptr().cast()) };
                     items.push(row);
-                    if self.pool.len() < 64 {
-                        let (mut c, mut t) = (r.cols, r.types);
-                        c.clear();
-                        t.clear();
-                        self.pool.push(c);
-                        self.pool.push(t);
-                    }
+                    self.recycle(r);
                 }
                 Ok(Some(PyList::new(py, items)?))
             }
@@ -725,6 +719,17 @@ impl NativeFlattener {
 
     fn buf(&mut self) -> Vec<u8> {
         self.pool.pop().unwrap_or_else(|| Vec::with_capacity(512))
+    }
+
+    /// Give a finished row's buffers back to `buf()`'s pool (bounded).
+    fn recycle(&mut self, r: OutRow) {
+        if self.pool.len() < 64 {
+            let (mut a, mut b) = (r.cols, r.types);
+            a.clear();
+            b.clear();
+            self.pool.push(a);
+            self.pool.push(b);
+        }
     }
 
     fn event_time(&mut self, us: i64) -> R<String> {

@@ -127,16 +127,6 @@ impl NativeFlattener {
         Some((eid, uid, us, rows))
     }
 
-    fn recycle(&mut self, r: OutRow) {
-        if self.pool.len() < 64 {
-            let (mut a, mut b) = (r.cols, r.types);
-            a.clear();
-            b.clear();
-            self.pool.push(a);
-            self.pool.push(b);
-        }
-    }
-
     /// The cached normalised segment / column name of the `pos`-th `key` of an object at `site`
     /// (index into `site.keynames`). Objects at one site mostly repeat their keys in order, so the
     /// key seen at this position last time is tried first (no hashing), then the site's index.
@@ -195,27 +185,11 @@ impl NativeFlattener {
         live: u8,
         d: usize,
     ) -> Option<()> {
-        p.i += 1;
-        if !p.enter() {
-            return None;
-        }
-        p.ws();
         let base = c.seen.len();
-        if p.peek()? == b'}' {
-            p.i += 1;
-        } else {
+        if p.open(b'}')? {
             let mut pos = 0;
             loop {
-                if p.peek()? != b'"' {
-                    return None;
-                }
-                let key = p.string()?;
-                p.ws();
-                if p.peek()? != b':' {
-                    return None;
-                }
-                p.i += 1;
-                p.ws();
+                let key = p.member_key()?;
                 self.s_member(py, p, &key, pos, site, row, row_id, c, mask, live, d, base)?;
                 pos += 1;
                 if !p.next_or_close(b'}')? {
@@ -348,11 +322,9 @@ impl NativeFlattener {
         el: &[usize],
         d: usize,
     ) -> Option<()> {
-        p.i += 1;
-        if !p.enter() {
-            return None;
+        if !p.open(b']')? {
+            return None; // (the caller saw an object first)
         }
-        p.ws();
         let (child, es) = match &self.sites[site].keynames[ki].arr {
             Some((child, es)) => (child.clone(), *es),
             None => {
@@ -485,31 +457,15 @@ impl NativeFlattener {
     #[allow(clippy::too_many_arguments)]
     fn e_obj<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, out: &mut Vec<u8>, c: &mut ECtx<'_, 'a>,
                  mask: &[usize], live: u8, d: usize) -> Option<()> {
-        p.i += 1;
-        if !p.enter() {
-            return None;
-        }
-        p.ws();
         out.push(b'{');
         let base = c.keys.len();
         let mut first = true;
-        if p.peek()? == b'}' {
-            p.i += 1;
-        } else {
+        if p.open(b'}')? {
             loop {
-                if p.peek()? != b'"' {
-                    return None;
-                }
-                let key = p.string()?;
+                let key = p.member_key()?;
                 if c.keys[base..].iter().any(|k| *k == key) {
                     return None; // a duplicate key: Python keeps the first position and the last value
                 }
-                p.ws();
-                if p.peek()? != b':' {
-                    return None;
-                }
-                p.i += 1;
-                p.ws();
                 let at = out.len();
                 if !first {
                     out.push(b',');
@@ -592,16 +548,9 @@ impl NativeFlattener {
                  hit: &[usize]) -> Option<()> {
         let el = self.element_hits(hit);
         let pol = if el.is_empty() { None } else { self.strongest(&el) };
-        p.i += 1;
-        if !p.enter() {
-            return None;
-        }
-        p.ws();
         out.push(b'[');
         let mut first = true;
-        if p.peek()? == b']' {
-            p.i += 1;
-        } else {
+        if p.open(b']')? {
             loop {
                 let at = out.len();
                 if !first {
