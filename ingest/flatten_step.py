@@ -14,6 +14,7 @@ from flatten.fast import FastFlattener
 from flatten.records import AggregateInput, DeadLetter, Event, Reason, TableRow
 from ingest.contract import Contract
 from ingest.envelope import payload_ref
+from sinks import ledger
 
 __all__ = ["FlattenEvents", "AGGREGATE_TAG", "DEAD_LETTER_TAG"]
 
@@ -62,6 +63,8 @@ class _FlattenFn(beam.DoFn):
                 message=(f"{exc.reason}: " if isinstance(exc, FlattenError) else "") + str(exc)[:1000], step=self._step,
                 event_time_us=event.event_time_us, processing_time_us=int(time.time() * 1_000_000)))
             return
+        if ledger.active():  # local runner: the source commits this message once these rows are durable
+            ledger.expect_rows(event.coords, [r[1] for r in rows])
         for sub, row_id, cols, types in rows:  # columns/types are orjson bytes already
             self._rows.inc()
             yield TableRow(
