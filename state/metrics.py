@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 from datasketch import HyperLogLog
 
-__all__ = ["new_acc", "add", "merge", "result", "numeric", "hll_relative_error", "TypeConflict"]
+__all__ = ["new_acc", "add", "merge", "result", "numeric", "fits", "hll_relative_error", "TypeConflict"]
 
 NUMERIC_FNS = frozenset({"sum", "min", "max", "avg"})
 
@@ -183,3 +183,20 @@ def result(fn: str, acc: Any, p: int) -> Optional[Any]:
     if fn == "latest":
         return None if acc is None else acc[2]
     return acc  # min, max, first_seen, last_seen
+
+
+def fits(fn: str, acc: Any) -> bool:
+    """Whether ``acc`` has the shape of an accumulator of ``fn`` (used to migrate positional state)."""
+    if fn == "count":
+        return isinstance(acc, int) and not isinstance(acc, bool)
+    if fn in ("sum", "avg"):
+        return isinstance(acc, list) and len(acc) == 3 and isinstance(acc[0], int) and isinstance(acc[1], list)
+    if fn == "distinct":
+        return isinstance(acc, list) and len(acc) == 2 and acc[0] in ("x", "h")
+    if acc is None:
+        return True
+    if fn in ("first_seen", "last_seen"):
+        return isinstance(acc, int) and not isinstance(acc, bool)
+    if fn == "latest":
+        return isinstance(acc, list) and len(acc) == 3 and isinstance(acc[0], int) and isinstance(acc[1], str)
+    return not isinstance(acc, (list, dict))  # min, max: a scalar

@@ -105,6 +105,7 @@ class _AggregateCore(beam.DoFn):
         self._late = Metrics.counter("headwater.state", "dead_letter_late")
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
         self._rows = Metrics.counter("headwater.state", "rows_emitted")
+        self._dropped = Metrics.counter("headwater.state", "removed_aggregate_keys_dropped")
 
     def _now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -186,7 +187,17 @@ class _AggregateCore(beam.DoFn):
         st = self._load(cell)
         if st is None:
             return
-        plan = self._plans[(key[0], key[1])]
+        plan = self._plans.get((key[0], key[1]))
+        if plan is None:
+            # The aggregate was removed from the contract (an update kept its state and timers):
+            # drop the key's state and every pending timer instead of failing the bundle forever.
+            self._dropped.inc()
+            cell.clear()
+            for t in timers:
+                t.clear()
+            return
+        # The timers the runner holds are those of the state as stored (before any layout migration,
+        # which happens inside the pure functions and may move the close and TTL deadlines).
         before = [st.close_at, st.ttl_at, st.probe_at]
         rows: list[A.EmitRow] = []
         if which == "emit":
@@ -198,10 +209,10 @@ class _AggregateCore(beam.DoFn):
             before[2] = None
             st = A.on_probe(st, plan, ts.micros)
         else:
-            st, rows = A.expire(st, plan, ts.micros)
             # A stale firing (the deadline moved since; the FnApiRunner can deliver an overwritten
-            # timer) leaves the newer TTL timer in place: do not set it again, or it loops.
-            before[1] = None if st is None else st.ttl_at
+            # timer) leaves the newer TTL timer (the stored ttl_at) in place: ``before`` says so, and
+            # only a deadline moved by a layout migration (new ttl) is set again.
+            st, rows = A.expire(st, plan, ts.micros)
         if st is None:
             # TTL: every cell and timer of the key is cleared (the state-hygiene path).
             cell.clear()
