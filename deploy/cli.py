@@ -8,6 +8,7 @@
     headwater publish --config FILE --partner P [--rate N] [--count M]
     headwater backfill --config FILE --partner P --source GLOB [--source GLOB ...] [beam options ...]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
+    headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
 """
 from __future__ import annotations
 
@@ -123,6 +124,25 @@ def _cmd_manifest(args) -> int:
     return check_or_write(_load(args.config), write=args.write, path=args.manifest, out=sys.stdout)
 
 
+def _cmd_verify(args) -> int:
+    from deploy.verify import VerifyUsageError, WarehouseReadError, run_verify
+
+    try:
+        return run_verify(_load(args.config), args.partner, args.since, args.json, top=args.top)
+    except (VerifyUsageError, WarehouseReadError) as exc:
+        print(f"headwater verify: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_verify(sub) -> None:
+    s = sub.add_parser("verify", help="recompute aggregates from the warehouse rows and compare (exit 1 on drift)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", help="only this partner")
+    s.add_argument("--since", help="only keys with events since T (ISO-8601 time, or a duration back from now: 6h, 2d)")
+    s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    s.add_argument("--top", type=int, default=5, help="largest differences listed per aggregate (default 5)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
     ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
@@ -158,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
     s.add_argument("--write", action="store_true")
+    _add_verify(sub)
     return ap
 
 
@@ -180,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "backfill":
             return _cmd_backfill(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
-                "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
+                "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2
