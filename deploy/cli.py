@@ -46,7 +46,7 @@ def _cmd_validate(args) -> int:
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract, create_subscriptions=False)  # validate changes nothing; `run` creates a missing emulator subscription
     for p in contract.partners:
         kinds = ", ".join(s.kind for s in p.sources)
         print(f"partner {p.name}: sources [{kinds}], table {p.table.name} "
@@ -58,11 +58,11 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args, beam_argv: list[str]) -> int:
-    from ingest import pipeline
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract)  # before Beam is even imported: a launch that cannot work fails in seconds
+    from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
     state = pipeline.run_until_stopped(contract, beam_argv)
