@@ -65,12 +65,28 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
     from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
-    state = pipeline.run_until_stopped(contract, beam_argv)
+    status = _start_status(contract, args.status_every)
+    try:
+        state = pipeline.run_until_stopped(contract, beam_argv)
+    finally:
+        if status is not None:
+            status.stop()
     print(f"headwater: job finished in state {state}", file=sys.stderr)
     code = 0 if state in ("DONE", "CANCELLED") else 1
     if contract.streaming:
         exit_after_streaming(code)
     return code
+
+
+def _start_status(contract, every_s: float):
+    """The live status line of a streaming run, on a terminal only (deploy/status.py); None otherwise."""
+    if not contract.streaming or every_s <= 0 or not sys.stdout.isatty():
+        return None
+    from deploy.status import KafkaLag, StatusLine
+
+    lag = KafkaLag(contract)
+    line = StatusLine(every_s, kafka_lag=lag if lag else None)
+    return line if line.start() else None
 
 
 def _cmd_demo(args, beam_argv: list[str]) -> int:
@@ -151,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
     s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
     s.add_argument("--config", required=True)
+    s.add_argument("--status-every", type=float, default=10.0, metavar="SECONDS",
+                   help="streaming, on a terminal: a status line every N seconds (0: off; default 10)")
     s = sub.add_parser("backfill", help="bounded historical run of one partner from file globs (same transforms)")
     s.add_argument("--config", required=True)
     s.add_argument("--partner", required=True)
