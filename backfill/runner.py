@@ -26,6 +26,7 @@ from backfill.chunks import Chunk, iter_chunks
 from backfill.ledger import Counts
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
+from backfill.summary import summary_line
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]
@@ -37,12 +38,6 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def summary_line(c: Counts, extra: str = "") -> str:
-    ok = "OK" if c.reconciled else "MISMATCH"
-    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
-            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 def _params(spec: BackfillSpec, target) -> dict:

@@ -65,6 +65,10 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
     preflight(contract)
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
+    if not contract.streaming:  # bounded: progress on a TTY, then the reconciliation (exit 1 if it does not hold)
+        from backfill.summary import run_bounded
+
+        return run_bounded(contract, beam_argv)
     state = pipeline.run_until_stopped(contract, beam_argv)
     print(f"headwater: job finished in state {state}", file=sys.stderr)
     code = 0 if state in ("DONE", "CANCELLED") else 1
