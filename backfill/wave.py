@@ -58,8 +58,15 @@ def run_wave(contract: Contract, spec: BackfillSpec, chunks: Sequence[Chunk], st
     dead = (out.dead_letters, reader.dead_letters) | "AllBackfillDeadLetters" >> beam.Flatten()
     _ = (out.rows, dead) | "CountOutcomes" >> CountOutcomes([partner.table.name])
     _ = HeadwaterOutputs(out.rows, out.aggregates, dead) | "WriteWarehouse" >> WriteWarehouse(wc)
-    result = p.run()
-    state = str(result.wait_until_finish())
+    result = p.run()  # the local FnApiRunner runs here, in this process; Dataflow returns at once
+    try:
+        state = str(result.wait_until_finish())
+    except BaseException:  # SIGINT/SIGTERM (backfill.runner.Stopped) while a remote job runs: cancel it
+        from apache_beam.runners.runner import PipelineState
+
+        if not PipelineState.is_terminal(result.state):
+            result.cancel()
+        raise
     if not state.endswith("DONE"):
         raise WaveFailed(f"wave over {len(chunks)} chunks ended in state {state}")
     return counts_from(result)
