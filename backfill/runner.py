@@ -109,6 +109,9 @@ class _Progress:
         progress.reset()
 
     def done(self, chunks: int, nbytes: int, events: int) -> None:
+        from ingest import progress
+
+        progress.reset()  # the wave's live count is now in _events_done
         self._events_done += events
         self._bytes_done += nbytes
         if self._enabled:
