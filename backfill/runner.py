@@ -133,6 +133,10 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
         raise ContractError("--id: backfill run needs an id (it names the ledger entries and staging)")
     bid = spec.backfill_id
     partner = contract.partner(spec.partner)
+    try:
+        spec.check_partitions(partner.table.name, partner.table.partition_granularity)
+    except ValueError as exc:
+        raise ContractError(str(exc)) from None
     target = make_target(contract, bid)
     if hasattr(target, "ensure"):
         target.ensure()

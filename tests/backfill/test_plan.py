@@ -101,3 +101,21 @@ def test_object_store_listing_crosses_pages_and_plan_writes_nothing(cloud_servic
                         "acme", "--source", f"gs://{gb}/h/*.jsonl.gz", "--mode", "replace"],
                        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--from/--to: mode 'replace' needs both" in r.stderr, r.stderr
+
+
+def test_replace_needs_partition_boundaries(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"warehouse": {"kind": "duckdb", "path": str(tmp_path / "wh.duckdb")},
+                                   "partners": [{"name": "acme", "sources": [{"kind": "file", "pattern": "x"}],
+                                                 "table": {"name": "acme_events", "partition_granularity": "DAY"}}]}))
+    (tmp_path / "a.jsonl").write_bytes(b"{}\n")
+    r = subprocess.run([sys.executable, "-m", "deploy.cli", "backfill", "run", "--config", str(cfg), "--partner", "acme",
+                        "--source", str(tmp_path / "*.jsonl"), "--mode", "replace", "--from", "2026-03-01T12:00:00Z",
+                        "--to", "2026-03-03", "--id", "x1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "--from: 2026-03-01T12:00:00Z is not the start of a DAY partition of acme_events" in r.stderr
+    assert not (tmp_path / "wh.duckdb").exists()
+    r = subprocess.run([sys.executable, "-m", "deploy.cli", "backfill", "run", "--config", str(cfg), "--partner", "acme",
+                        "--source", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--id", "x2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "quote --source globs" in r.stderr, r.stderr
