@@ -8,6 +8,7 @@
     headwater publish --config FILE --partner P [--rate N] [--count M]
     headwater backfill plan --config FILE --partner P --source GLOB... [--from T] [--to T] [--mode M] [--json]
     headwater backfill run  --config FILE --partner P --source GLOB... --id ID [...] [beam options ...]
+    headwater replay --config FILE [--partner P] [--reason R] [--from T --to T] [--id ID]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
     headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
 """
@@ -66,6 +67,10 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
     from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
+    if not contract.streaming:  # bounded: progress on a TTY, then the reconciliation (exit 1 if it does not hold)
+        from backfill.summary import run_bounded
+
+        return run_bounded(contract, beam_argv)
     status = _start_status(contract, args.status_every)
     try:
         state = pipeline.run_until_stopped(contract, beam_argv)
@@ -169,6 +174,21 @@ def _backfill(args, contract, spec, beam_argv: list[str]) -> int:
     return run_backfill(contract, spec, beam_argv, keep_staging=args.keep_staging)
 
 
+def _cmd_replay(args, beam_argv: list[str]) -> int:
+    from backfill.replay import replay
+    from backfill.spec import parse_instant_us
+
+    contract = _load(args.config)
+    try:
+        start = parse_instant_us(args.start, "--from") if args.start else None
+        end = parse_instant_us(args.end, "--to") if args.end else None
+    except ValueError as exc:
+        print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    return replay(contract, partner=args.partner, reason=args.reason, start_us=start, end_us=end,
+                  replay_id=args.id, beam_argv=beam_argv)
+
+
 def _cmd_manifest(args) -> int:
     from deploy.manifest import check_or_write
 
@@ -226,6 +246,13 @@ def _parser() -> argparse.ArgumentParser:
             b.add_argument("--id", required=True, help="backfill id: rerun the same id to resume; [a-z][a-z0-9_]*")
             b.add_argument("--wave-chunks", type=int, default=8, help="chunks per Beam run, the unit of resume (default 8)")
             b.add_argument("--keep-staging", action="store_true", help="keep the staging tables after the apply")
+    s = sub.add_parser("replay", help="re-run dead letters through the current contract (after a fix); rows idempotent")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner")
+    s.add_argument("--reason", help="only dead letters with this reason, e.g. missing_user_id")
+    s.add_argument("--from", dest="start", help="dead letters recorded at or after (2026-03-01 or RFC 3339)")
+    s.add_argument("--to", dest="end", help="dead letters recorded before")
+    s.add_argument("--id", help="replay id (default replay_<UTC time>); marks the replayed dead letters")
     s = sub.add_parser("validate", help="validate a contract (fails naming the partner and field)")
     s.add_argument("--config", required=True)
     s = sub.add_parser("flatten", help="preview the rows a file's events become")
@@ -260,7 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rest and args.cmd not in ("run", "demo", "backfill"):
+    if rest and args.cmd not in ("run", "demo", "backfill", "replay"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "run":
@@ -269,6 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_demo(args, rest)
         if args.cmd == "backfill":
             return _cmd_backfill(args, rest)
+        if args.cmd == "replay":
+            return _cmd_replay(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
                 "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
