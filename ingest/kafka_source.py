@@ -56,6 +56,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from flatten.records import RawMessage
 from ingest.unbounded import ManualWatermarks, advance_watermark, nothing, run_later
 from ingest.contract import KafkaSource
+from state.coders import register_record
 
 __all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
 
@@ -83,6 +84,9 @@ class KafkaPartition(NamedTuple):
     topic: str
     partition: int
     start_offset: int
+
+
+register_record(KafkaPartition)  # a RowCoder (deterministic schema id), not pickle, through the Reshuffle
 
 
 def _text(value: Optional[bytes]) -> Optional[str]:
