@@ -6,7 +6,8 @@
     headwater flatten FILE.jsonl [--config FILE --partner P] [--limit N]
     headwater schema --config FILE --partner P [--table T]
     headwater publish --config FILE --partner P [--rate N] [--count M]
-    headwater backfill --config FILE --partner P --source GLOB [--source GLOB ...] [beam options ...]
+    headwater backfill plan --config FILE --partner P --source GLOB... [--from T] [--to T] [--mode M] [--json]
+    headwater backfill run  --config FILE --partner P --source GLOB... --id ID [...] [beam options ...]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
 """
 from __future__ import annotations
@@ -100,21 +101,55 @@ def _cmd_publish(args) -> int:
     return 0
 
 
-def _cmd_backfill(args, beam_argv: list[str]) -> int:
-    from backfill.plan import BackfillPlan, backfill_contract
-    from ingest import pipeline
-    from ingest.preflight import preflight
+def _backfill_spec(args):
+    from backfill.spec import BackfillSpec, parse_instant_us
 
+    return BackfillSpec(
+        partner=args.partner, patterns=tuple(args.source), format=args.format, mode=args.mode,
+        columns=tuple(c.strip() for c in (args.columns or "").split(",") if c.strip()),
+        start_us=parse_instant_us(args.start, "--from") if args.start else None,
+        end_us=parse_instant_us(args.end, "--to") if args.end else None,
+        backfill_id=getattr(args, "id", None), wave_chunks=getattr(args, "wave_chunks", 8))
+
+
+def _cmd_backfill(args, beam_argv: list[str]) -> int:
     contract = _load(args.config)
-    plan = BackfillPlan(partner=args.partner, patterns=tuple(args.source), format=args.format,
-                        warehouse_path=args.warehouse_path)
-    bf = backfill_contract(contract, plan)
-    preflight(bf)
-    print(f"headwater: backfill of {plan.partner} from {', '.join(plan.patterns)} into {bf.warehouse.kind}",
-          file=sys.stderr)
-    state = pipeline.run_until_stopped(bf, beam_argv)
-    print(f"headwater: backfill finished in state {state}", file=sys.stderr)
-    return 0 if state.endswith("DONE") else 1
+    try:
+        spec = _backfill_spec(args)
+    except ValueError as exc:  # pydantic's ValidationError included: one line per problem, naming the flag
+        errs = getattr(exc, "errors", None)
+        lines = [e["msg"].removeprefix("Value error, ") for e in errs()] if callable(errs) else [str(exc)]
+        print("headwater: " + "\n  ".join(lines), file=sys.stderr)
+        return 2
+    from backfill.chunks import ChunkListingError
+
+    stray = beam_argv if args.backfill_cmd == "plan" else [a for a in beam_argv if not a.startswith("-")]
+    if stray:  # an unquoted glob expanded by the shell lands here: refuse instead of reading one file
+        print(f"headwater: backfill {args.backfill_cmd}: unexpected arguments {' '.join(stray[:3])}"
+              f"{' ...' if len(stray) > 3 else ''} (quote --source globs so the shell does not expand them)",
+              file=sys.stderr)
+        return 2
+    try:
+        return _backfill(args, contract, spec, beam_argv)
+    except ChunkListingError as exc:
+        print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+
+
+def _backfill(args, contract, spec, beam_argv: list[str]) -> int:
+    import orjson
+
+    from backfill.planner import build_plan, render_plan
+    from backfill.runner import run_backfill
+
+    if args.backfill_cmd == "plan":
+        plan = build_plan(contract, spec, first=args.first)
+        if args.json:
+            sys.stdout.write(orjson.dumps(plan, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            render_plan(plan, sys.stdout)
+        return 0
+    return run_backfill(contract, spec, beam_argv, keep_staging=args.keep_staging)
 
 
 def _cmd_manifest(args) -> int:
@@ -131,12 +166,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
     s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
     s.add_argument("--config", required=True)
-    s = sub.add_parser("backfill", help="bounded historical run of one partner from file globs (same transforms)")
-    s.add_argument("--config", required=True)
-    s.add_argument("--partner", required=True)
-    s.add_argument("--source", action="append", required=True, help="glob of chunks (local, gs://, s3://); repeatable")
-    s.add_argument("--format", default="auto", choices=["auto", "jsonl", "avro"])
-    s.add_argument("--warehouse-path", default=None, help="duckdb: write into this file instead")
+    s = sub.add_parser("backfill", help="historical backfills: plan (writes nothing), run (resumable by --id)")
+    bsub = s.add_subparsers(dest="backfill_cmd", required=True)
+    for name, what in (("plan", "list chunks, estimate events and partitions, say what the mode does; writes nothing"),
+                       ("run", "run the backfill into staging in waves, then apply it per mode (beam options allowed)")):
+        b = bsub.add_parser(name, help=what)
+        b.add_argument("--config", required=True)
+        b.add_argument("--partner", required=True)
+        b.add_argument("--source", action="append", required=True, help="glob of chunks (local, gs://, s3://); repeatable")
+        b.add_argument("--format", default="auto", choices=["auto", "jsonl", "avro"])
+        b.add_argument("--from", dest="start", help="first event time included (2026-03-01 or RFC 3339)")
+        b.add_argument("--to", dest="end", help="first event time excluded")
+        b.add_argument("--mode", default="fill", choices=["fill", "replace", "columns"],
+                       help="fill: insert absent rows; replace: partitions in [from, to) become the backfill's; "
+                            "columns: set --columns on existing rows")
+        b.add_argument("--columns", help="columns mode: comma-separated flattened column names")
+        if name == "plan":
+            b.add_argument("--json", action="store_true", help="the plan as JSON on stdout")
+            b.add_argument("--first", type=int, default=10, help="chunks to list by name (default 10)")
+        else:
+            b.add_argument("--id", required=True, help="backfill id: rerun the same id to resume; [a-z][a-z0-9_]*")
+            b.add_argument("--wave-chunks", type=int, default=8, help="chunks per Beam run, the unit of resume (default 8)")
+            b.add_argument("--keep-staging", action="store_true", help="keep the staging tables after the apply")
     s = sub.add_parser("validate", help="validate a contract (fails naming the partner and field)")
     s.add_argument("--config", required=True)
     s = sub.add_parser("flatten", help="preview the rows a file's events become")

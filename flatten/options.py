@@ -47,6 +47,8 @@ class ColumnAnnotation(_Frozen):
     def _path_not_empty(cls, v: str) -> str:
         if not v.strip() or v.startswith(".") or v.endswith(".") or ".." in v:
             raise ValueError(f"invalid column path {v!r}")
+        if not any(seg.replace("[]", "") for seg in v.split(".")):
+            raise ValueError(f"invalid column path {v!r}: no key")
         return v
 
 

@@ -40,7 +40,7 @@ from apache_beam.transforms.display import DisplayDataItem
 
 from flatten.options import SchemaMode
 from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
-from sinks import bq_rows
+from sinks import bq_rows, ledger
 from sinks.batches import BatchPerKey
 from sinks.spec import TableSpec, WarehouseSpec
 
@@ -145,6 +145,8 @@ class _WriteBatchFn(beam.DoFn):
                 prep.sources[rej.key], Reason.TOO_LARGE if rej.too_large else Reason.SINK_REJECTED,
                 rej.error_class, rej.message))
         self._written.inc(len(prep.records) - len(rejections))
+        if ledger.active():  # local runner: these rows' source messages may be committed (sinks.ledger)
+            ledger.rows_durable([r.row_id for r in batch])
 
     def _fixed(self, layout, pairs):
         schema = self._bq.provide(layout, layout.base)
@@ -173,6 +175,8 @@ class _WriteBatchFn(beam.DoFn):
                 raise RuntimeError(f"dead-letter table {layout.table} rejected {len(still)} records even without "
                                    f"payload, first: {still[0].message}")
         self._written.inc(len(records))
+        if ledger.active():
+            ledger.dead_letters_durable([d.coords for d in batch])
         return iter(())
 
 

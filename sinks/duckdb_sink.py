@@ -13,6 +13,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from flatten.options import SchemaMode
+from sinks import ledger
 from sinks.duckdb_store import DuckDBWarehouse
 from sinks.spec import TableSpec, WarehouseSpec
 
@@ -53,10 +54,23 @@ class _BufferedWriteFn(beam.DoFn):
                 self._rejected.inc(len(rejected))
                 self._wh.write_dead_letters(rejected)
             self._written.inc(len(buf) - len(rejected))
+            _durable_rows(buf)
         elif self._kind == "aggregates":
             self._written.inc(self._wh.write_aggregates(buf))
         else:
             self._written.inc(self._wh.write_dead_letters(buf))
+            _durable_dead_letters(buf)
+
+
+def _durable_rows(rows) -> None:
+    """Committed: tell the local commit ledger (sinks.ledger; a no-op unless a local source registered)."""
+    if ledger.active():
+        ledger.rows_durable([r.row_id for r in rows])
+
+
+def _durable_dead_letters(dls) -> None:
+    if ledger.active():
+        ledger.dead_letters_durable([d.coords for d in dls])
 
 
 class WriteToDuckDB(beam.PTransform):

@@ -98,13 +98,16 @@ class _AggregateCore(beam.DoFn):
     PROBE_TIMER_NAME = "hw_probe"
 
     def __init__(self, specs: Mapping[tuple[str, str], AggregateSpec], step: str,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], seed=None):
         self._specs = dict(specs)
         self._step = step
         self._clock = clock
+        self._seed = seed  # ingest.recovery.AggregateSeed: a key's state rebuilt from the warehouse (restart)
         self._plans: dict[tuple[str, str], A.Plan] = {}
 
     def setup(self) -> None:
+        if self._seed is not None:
+            self._seed.load()
         self._plans = {k: A.plan_for(s) for k, s in self._specs.items()}
         self._late = Metrics.counter("headwater.state", "dead_letter_late")
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
@@ -176,6 +179,9 @@ class _AggregateCore(beam.DoFn):
             return
         st = self._load(cell)
         before = (None, None, None) if st is None else (st.close_at, st.ttl_at, st.probe_at)
+        if st is None and self._seed is not None:  # first touch after a restart: resume from the warehouse
+            seeded = self._seed.take(element[0])
+            st = A.AggState.from_bytes(seeded) if seeded else None
         st, rejections = A.step(st, A.Event(inp.event_time_us, inp.event_id, values), plan)
         for r in rejections:
             yield self._dead(inp, r.reason, "LateEvent" if r.reason == Reason.LATE else "TypeConflict", r.message)
@@ -357,8 +363,9 @@ class ComputeAggregates(beam.PTransform):
 
     def __init__(self, specs: Mapping[tuple[str, str], AggregateSpec],
                  clock: Callable[[], float] = time.time, label: Optional[str] = None,
-                 streaming: Optional[bool] = None, fold_bounded: bool = True):
+                 streaming: Optional[bool] = None, fold_bounded: bool = True, seed=None):
         super().__init__(label)
+        self._seed = seed  # ingest.recovery.AggregateSeed (a restarted local stream), stateful variants only
         self._streaming = streaming
         self._fold_bounded = fold_bounded
         if not specs:
@@ -377,7 +384,8 @@ class ComputeAggregates(beam.PTransform):
         streaming = (not pcoll.is_bounded) if self._streaming is None else self._streaming
         if streaming or not self._fold_bounded:
             fn_cls = _StreamingAggregateFn if streaming else _BoundedAggregateFn
-            outs = keyed | AGG_LABEL >> _typed(fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock), STATE_LABEL)
+            outs = keyed | AGG_LABEL >> _typed(
+                fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed), STATE_LABEL)
         else:
             outs = (keyed
                     | GROUP_LABEL >> beam.GroupByKey()
