@@ -11,6 +11,7 @@
     headwater replay --config FILE [--partner P] [--reason R] [--from T --to T] [--id ID]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
     headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
+    headwater deploy plan|build|launch|update|drain|status ...   Dataflow (deploy/commands.py, docs/deploy.md)
 """
 from __future__ import annotations
 
@@ -275,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
     s.add_argument("--write", action="store_true")
     _add_verify(sub)
+    from deploy.commands import add_deploy_parser
+
+    add_deploy_parser(sub)
     return ap
 
 
@@ -287,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rest and args.cmd not in ("run", "demo", "backfill", "replay"):
+    if rest and args.cmd not in ("run", "demo", "backfill", "replay", "deploy"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "run":
@@ -298,10 +302,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_backfill(args, rest)
         if args.cmd == "replay":
             return _cmd_replay(args, rest)
+        if args.cmd == "deploy":  # Dataflow: deploy/commands.py (unknown options go to Beam)
+            from deploy.commands import run_deploy
+
+            return run_deploy(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
                 "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        if args.cmd != "deploy":
+            raise
+        print(f"headwater deploy: {exc}", file=sys.stderr)  # bad job name, missing baseline, bad mapping file
         return 2
     except Exception as exc:  # noqa: BLE001 - known launch errors get one clean line, not a traceback
         if type(exc).__name__ in ("PrismNotFound", "MaskKeyError"):

@@ -129,6 +129,7 @@ class ReadPartnerFiles(beam.PTransform):
             | "ReadMatches" >> fileio.ReadMatches()
             | "ReshuffleFiles" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadFileFn(self._partner, self._spec.format, self._max, self._step))
+            .with_output_types(RawMessage, **{DEAD_LETTER_TAG: DeadLetter})
             .with_outputs(DEAD_LETTER_TAG, main="messages")
         )
         messages = read.messages | "Reshuffle" >> beam.Reshuffle()

@@ -100,5 +100,6 @@ class FlattenEvents(beam.PTransform):
         self._contract = contract
 
     def expand(self, events):
-        return events | "Flatten" >> beam.ParDo(_FlattenFn(self._contract, self.label)).with_outputs(
+        return events | "Flatten" >> beam.ParDo(_FlattenFn(self._contract, self.label)).with_output_types(
+            TableRow, **{AGGREGATE_TAG: AggregateInput, DEAD_LETTER_TAG: DeadLetter}).with_outputs(
             AGGREGATE_TAG, DEAD_LETTER_TAG, main="rows")

@@ -59,6 +59,7 @@ from flatten.records import RawMessage
 from sinks import ledger
 from ingest.unbounded import BackgroundLoop, ManualWatermarks, advance_watermark, nothing
 from ingest.contract import KafkaSource
+from state.coders import register_record
 
 __all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
 
@@ -88,6 +89,9 @@ class KafkaPartition(NamedTuple):
     topic: str
     partition: int
     start_offset: int
+
+
+register_record(KafkaPartition)  # a RowCoder (deterministic schema id), not pickle, through the Reshuffle
 
 
 def _text(value: Optional[bytes]) -> Optional[str]:

@@ -85,5 +85,5 @@ class ParseEnvelope(beam.PTransform):
         self._contract = contract
 
     def expand(self, pcoll):
-        return pcoll | "Parse" >> beam.ParDo(_ParseFn(self._contract, self.label)).with_outputs(
-            DEAD_LETTER_TAG, main="events")
+        return pcoll | "Parse" >> beam.ParDo(_ParseFn(self._contract, self.label)).with_output_types(
+            Event, **{DEAD_LETTER_TAG: DeadLetter}).with_outputs(DEAD_LETTER_TAG, main="events")

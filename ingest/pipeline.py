@@ -83,7 +83,8 @@ class HeadwaterPipeline(beam.PTransform):
         raw = messages | "AllMessages" >> beam.Flatten()
         parsed = raw | "ParseEnvelope" >> ParseEnvelope(contract)
         rec = self._recovery
-        events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(seed=rec.seen if rec else None)
+        events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
+            window_s=contract.dedup.window_s(), seed=rec.seen if rec else None)
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         dead += [parsed.dead_letter, flat.dead_letter]

@@ -40,14 +40,19 @@ from apache_beam.transforms.display import DisplayDataItem
 
 from flatten import live
 from flatten.options import SchemaMode
-from flatten.records import DeadLetter, Reason
+from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
 from sinks import bq_rows, ledger
+from sinks.batches import BatchPerKey
 from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["WriteToBigQueryWarehouse"]
 
 _REJECTED = "rejected"
-_KEYED = beam.typehints.KV[str, beam.typehints.Any]  # str keys: a deterministic coder for the batching state
+# str keys: a deterministic coder for the batching state; typed values: Row coders (never pickle) for the
+# GroupIntoBatches ``values`` bag state and the shuffle.
+_KEYED_ROWS = beam.typehints.KV[str, TableRow]
+_KEYED_AGGREGATES = beam.typehints.KV[str, AggregateRow]
+_KEYED_DEAD_LETTERS = beam.typehints.KV[str, DeadLetter]
 
 
 def _method(warehouse: WarehouseSpec, bounded: bool) -> str:
@@ -241,7 +246,8 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         # when full or after max_buffering_s.
         if bounded:
             return beam.GroupByKey()
-        return beam.GroupIntoBatches(size, self._wh.bigquery.max_buffering_s)
+        # Not beam.GroupIntoBatches: its state coders are always pickled in Beam 2.77 (sinks/batches.py).
+        return BatchPerKey(size, self._wh.bigquery.max_buffering_s)
 
     def expand(self, pcolls):
         wh = self._wh
@@ -251,20 +257,22 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         args = (wh, self._tables, self._modes, method)
         written = (
             rows
-            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r)).with_output_types(_KEYED)
+            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r)).with_output_types(_KEYED_ROWS)
             | "BatchRows" >> self._group(size, rows.is_bounded)
-            | "WriteRows" >> beam.ParDo(_WriteBatchFn("rows", *args)).with_outputs(_REJECTED, main="written"))
+            | "WriteRows" >> beam.ParDo(_WriteBatchFn("rows", *args)).with_output_types(
+                bytes, **{_REJECTED: DeadLetter}).with_outputs(_REJECTED, main="written"))
         agg_written = (
             aggs
-            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a)).with_output_types(_KEYED)
+            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a)).with_output_types(_KEYED_AGGREGATES)
             | "BatchAggregates" >> self._group(size, aggs.is_bounded)
-            | "WriteAggregates" >> beam.ParDo(_WriteBatchFn("aggregates", *args)).with_outputs(_REJECTED, main="written"))
+            | "WriteAggregates" >> beam.ParDo(_WriteBatchFn("aggregates", *args)).with_output_types(
+                bytes, **{_REJECTED: DeadLetter}).with_outputs(_REJECTED, main="written"))
         sink_dead = ((written[_REJECTED], agg_written[_REJECTED])
                      | "SinkRejections" >> beam.Flatten())
         _ = (
             (dls, sink_dead)
             | "AllSinkDeadLetters" >> beam.Flatten()
-            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d)).with_output_types(_KEYED)
+            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d)).with_output_types(_KEYED_DEAD_LETTERS)
             | "BatchDeadLetters" >> self._group(size, dls.is_bounded and sink_dead.is_bounded)
-            | "WriteDeadLetters" >> beam.ParDo(_WriteBatchFn("dead_letters", *args)))
+            | "WriteDeadLetters" >> beam.ParDo(_WriteBatchFn("dead_letters", *args)).with_output_types(bytes))
         return sink_dead

@@ -91,5 +91,6 @@ class WriteToDuckDB(beam.PTransform):
     def expand(self, pcolls):
         for kind, label in (("rows", "WriteRows"), ("aggregates", "WriteAggregates"),
                             ("dead_letters", "WriteDeadLetters")):
-            _ = pcolls[kind] | label >> beam.ParDo(_BufferedWriteFn(kind, *self._args))
+            # Emits nothing; the declared type keeps the graph free of pickled coders (tests/deploy/test_typed_graph.py).
+            _ = pcolls[kind] | label >> beam.ParDo(_BufferedWriteFn(kind, *self._args)).with_output_types(bytes)
         return pcolls

@@ -38,6 +38,11 @@ AggKey = Tuple[str, str, str]  # (partner, aggregate, key): str tuple -> determi
 #: Step labels inside ComputeAggregates. Renaming one breaks Dataflow --update: add a mapping entry.
 KEY_LABEL = "KeyByAggregateKey"
 AGG_LABEL = "AggregatePerKey"
+#: The ParDo inside AGG_LABEL (a multi-output ParDo is a composite around it): the stateful step that
+#: Dataflow matches state by. Named for its role, never after the DoFn class (was ``ParDo(_StreamingAggregateFn)``;
+#: deploy/manifest/name_mapping.json maps the old name).
+STATE_LABEL = "PerKeyState"
+FOLD_LABEL = "FoldPerKey"  # bounded input after GROUP_LABEL
 GROUP_LABEL = "GroupByAggregateKey"  # bounded input only (batch jobs are never updated in place)
 AGGREGATES_TAG = "aggregates"
 DEAD_LETTER_TAG = "dead_letter"
@@ -46,6 +51,8 @@ DEAD_LETTER_TAG = "dead_letter"
 #: tests/state/test_manifest.py compares it with state/manifest.json (the checked-in copy).
 MANIFEST = {
     "steps": [KEY_LABEL, AGG_LABEL],
+    "stateful_step": f"{AGG_LABEL}/{STATE_LABEL}",
+    "state_layout_version": A.LAYOUT_VERSION,
     "key_coder": "TupleCoder[StrUtf8Coder, StrUtf8Coder, StrUtf8Coder]",
     "state": {"hw_agg_v1": "BytesCoder (orjson AggState)"},
     "timers": {
@@ -333,6 +340,13 @@ class _FoldGroupedFn(_AggregateCore):
         yield from self._out(key, rows)
 
 
+def _typed(fn: beam.DoFn, label: str) -> beam.PTransform:
+    """The aggregate ParDo: typed outputs (Row coders, never pickle) and an explicit inner label."""
+    pardo = beam.ParDo(fn).with_output_types(AggregateRow, **{DEAD_LETTER_TAG: DeadLetter})
+    pardo.label = label
+    return pardo.with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG)
+
+
 def _event_order(inp: AggregateInput) -> tuple[int, str]:
     return inp.event_time_us, inp.event_id
 
@@ -378,14 +392,13 @@ class ComputeAggregates(beam.PTransform):
         streaming = (not pcoll.is_bounded) if self._streaming is None else self._streaming
         if streaming or not self._fold_bounded:
             fn_cls = _StreamingAggregateFn if streaming else _BoundedAggregateFn
-            outs = keyed | AGG_LABEL >> beam.ParDo(
-                fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed)
-            ).with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG)
+            outs = keyed | AGG_LABEL >> _typed(
+                fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed), STATE_LABEL)
         else:
             outs = (keyed
                     | GROUP_LABEL >> beam.GroupByKey()
-                    | AGG_LABEL >> beam.ParDo(_FoldGroupedFn(self._specs, f"{self.label}/{AGG_LABEL}", self._clock))
-                    .with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG))
+                    | AGG_LABEL >> _typed(_FoldGroupedFn(self._specs, f"{self.label}/{AGG_LABEL}", self._clock),
+                                          FOLD_LABEL))
         return AggregateOutputs(
             aggregates=outs[AGGREGATES_TAG],
             dead_letter=outs[DEAD_LETTER_TAG])
