@@ -36,7 +36,10 @@ class _BufferedWriteFn(beam.DoFn):
         self._buf: list = []
 
     def process(self, element):
-        self._buf.append(element)
+        if isinstance(element, list):  # a batch of TableRows (the bounded job's rows)
+            self._buf.extend(element)
+        else:
+            self._buf.append(element)
         if len(self._buf) >= 50_000:
             self._flush()
 
@@ -60,7 +63,7 @@ class _BufferedWriteFn(beam.DoFn):
 
 
 class WriteToDuckDB(beam.PTransform):
-    """{"rows": PCollection[TableRow], "aggregates": PCollection[AggregateRow],
+    """{"rows": PCollection[TableRow] (or of lists of TableRow), "aggregates": PCollection[AggregateRow],
     "dead_letters": PCollection[DeadLetter]} -> the DuckDB file at ``warehouse.path``.
 
     Idempotent: rows by ``_row_id``, aggregates by (partner, aggregate, key, window,
