@@ -48,7 +48,7 @@ from state import combine as C
 from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
 
-__all__ = ["BoundedHeadwater", "BATCH_SIZE", "DEDUP_SHARDS"]
+__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS"]
 
 #: Records per batch: large enough that Beam's per-element cost (~10-30 us) is noise, small enough
 #: that a batch's rows stay a few MB.
@@ -61,6 +61,38 @@ ROWS_TAG = "rows"
 AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
 
 
+class MessageBatch(list):
+    """A list of RawMessage: one element of the bounded job's message stream."""
+
+
+class RowBatch(list):
+    """A list of TableRow: one element of the bounded job's row stream (the DuckDB sink takes lists)."""
+
+
+class _BatchCoder(beam.coders.Coder):
+    """Pickle for a batch that crosses a stage boundary (they are built to stay inside one), and a size
+    estimate that does not encode it: Beam samples elements for its size counters, and encoding a whole
+    batch per sample cost ~3 % of the job (bench/README.md, profile)."""
+
+    def _create_impl(self):
+        return beam.coders.coder_impl.CallbackCoderImpl(
+            lambda x: pickle.dumps(list(x), pickle.HIGHEST_PROTOCOL), pickle.loads, size_estimator=_batch_size)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return list
+
+
+def _batch_size(batch) -> int:
+    return 512 * len(batch)
+
+
+beam.coders.registry.register_coder(MessageBatch, _BatchCoder)
+beam.coders.registry.register_coder(RowBatch, _BatchCoder)
+
+
 class _ReadFileBatchesFn(_ReadFileFn):
     """``ReadPartnerFiles``' reader, its records grouped into lists of up to ``batch`` RawMessages."""
 
@@ -69,13 +101,13 @@ class _ReadFileBatchesFn(_ReadFileFn):
         self._batch = batch
 
     def process(self, rf: fileio.ReadableFile) -> Iterator:
-        buf: list = []
+        buf = MessageBatch()
         for out in super().process(rf):
             if isinstance(out, RawMessage):
                 buf.append(out)
                 if len(buf) >= self._batch:
                     yield buf
-                    buf = []
+                    buf = MessageBatch()
             else:
                 yield out  # a TaggedOutput dead letter
         if buf:
@@ -97,7 +129,7 @@ class _ReadFileBatches(beam.PTransform):
             | "ReadMatches" >> fileio.ReadMatches()
             | "ReshuffleFiles" >> beam.Reshuffle()
             | "ReadBatches" >> beam.ParDo(_ReadFileBatchesFn(partner, spec.format, max_bytes, step, batch))
-            .with_outputs(DEAD_LETTER_TAG, main="batches")
+            .with_output_types(MessageBatch).with_outputs(DEAD_LETTER_TAG, main="batches")
         )
         return read.batches, read[DEAD_LETTER_TAG]
 
@@ -139,7 +171,7 @@ class _ProcessBatchFn(beam.DoFn):
             self._nokey.inc(res.key_missing)
         if res.rows:
             self._rows.inc(len(res.rows))
-            yield res.rows
+            yield RowBatch(res.rows)
         if res.dead:
             self._dead.inc(len(res.dead))
             for d in res.dead:
@@ -194,7 +226,7 @@ class _FoldShardFn(beam.DoFn):
             if erows:
                 rows += erows
                 if len(rows) >= 5000:
-                    yield TaggedOutput(ROWS_TAG, rows)
+                    yield TaggedOutput(ROWS_TAG, RowBatch(rows))
                     rows = []
             if not aggs:
                 continue
@@ -215,7 +247,7 @@ class _FoldShardFn(beam.DoFn):
                         message=r.message, step=AGG_STEP, event_time_us=t_us,
                         processing_time_us=int(self._clock() * 1_000_000)))
         if rows:
-            yield TaggedOutput(ROWS_TAG, rows)
+            yield TaggedOutput(ROWS_TAG, RowBatch(rows))
         for pk, part in partials.items():
             yield pk, part
 
@@ -258,7 +290,8 @@ class BoundedHeadwater(beam.PTransform):
                 if label in self._overrides:
                     msgs = pbegin | label >> self._overrides.pop(label)
                     batches.append(msgs | f"Batch_{label}" >> beam.BatchElements(
-                        min_batch_size=self._batch, max_batch_size=self._batch))
+                        min_batch_size=self._batch, max_batch_size=self._batch)
+                        | f"AsBatch_{label}" >> beam.Map(MessageBatch).with_output_types(MessageBatch))
                     continue
                 if self._require:
                     raise ValueError(f"source {label!r} has no override but require_overrides=True")
@@ -269,8 +302,10 @@ class BoundedHeadwater(beam.PTransform):
         if self._overrides:
             raise ValueError(f"overrides for unknown sources {sorted(self._overrides)}; sources are {labels}")
         raw = batches | "AllMessages" >> beam.Flatten()
+        raw.element_type = MessageBatch
         out = raw | "ProcessBatches" >> beam.ParDo(
-            _ProcessBatchFn(contract, self._keep_rows, self._shards)).with_outputs(DEDUP_TAG, DEAD_LETTER_TAG, main=ROWS_TAG)
+            _ProcessBatchFn(contract, self._keep_rows, self._shards)).with_output_types(RowBatch).with_outputs(
+            DEDUP_TAG, DEAD_LETTER_TAG, main=ROWS_TAG)
         specs = {p.name: tuple(p.aggregates) for p in contract.partners}
         out[DEDUP_TAG].element_type = beam.typehints.KV[int, bytes]  # deterministic key coder (VarInt), bytes values
         folded = (out[DEDUP_TAG]
@@ -281,6 +316,7 @@ class BoundedHeadwater(beam.PTransform):
         # Consumed directly (no Flatten with another stage's output), so the sink is fused with
         # ProcessBatches and row batches never leave the stage that made them.
         rows = folded[ROWS_TAG] if self._keep_rows else out[ROWS_TAG]
+        rows.element_type = RowBatch
         agg_specs: dict[tuple[str, str], AggregateSpec] = {(p.name, a.name): a for p in contract.partners
                                                           for a in p.aggregates}
         if agg_specs:

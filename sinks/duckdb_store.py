@@ -174,11 +174,23 @@ class DuckDBWarehouse:
         dead: list[DeadLetter] = []
         ready: list[dict] = []
         types_of: dict[bytes, dict] = {}  # rows of a table mostly share their types' bytes: decode each once
+        # Types that fit the schema as is (reconcile's fast path). Columns are only ever added, so a fit
+        # stays a fit for the rest of the batch: those rows skip reconcile (same result, it returns them as is).
+        fits: set[bytes] = set()
+        loads = orjson.loads
         for r in batch:
+            if r.types in fits:
+                cols = loads(r.row)
+                cols["_row_id"] = r.row_id
+                ready.append(cols)
+                continue
             types = types_of.get(r.types)
             if types is None:
-                types = types_of[r.types] = orjson.loads(r.types)
-            rec = reconcile(schema, orjson.loads(r.row), types, mode)
+                types = types_of[r.types] = loads(r.types)
+            row = loads(r.row)
+            rec = reconcile(schema, row, types, mode)
+            if rec.columns is row and rec.schema is schema and not rec.conflicts:
+                fits.add(r.types)
             if rec.conflicts and mode == SchemaMode.FREEZE:
                 c = rec.conflicts[0]
                 more = f" (+{len(rec.conflicts) - 1} more)" if len(rec.conflicts) > 1 else ""
