@@ -46,6 +46,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flatten import jsonio
 from flatten.infer import JsonTextError, to_json_text
 from flatten.names import normalize_key
 from flatten.options import ColumnAnnotation, PiiPolicy
@@ -399,14 +400,14 @@ class Masker:
         if not self.has_rules:
             return payload
         try:
-            doc = orjson.loads(payload)
+            doc = jsonio.loads(payload)
         except orjson.JSONDecodeError:
             return self.protect_unparsed(payload)
         if type(doc) is not dict:
             return self.protect_unparsed(payload)
         try:
-            return orjson.dumps(self.mask_doc(doc))
-        except orjson.JSONEncodeError:
+            return jsonio.dumps(self.mask_doc(doc))
+        except (orjson.JSONEncodeError, ValueError, RecursionError):
             return self.protect_unparsed(payload)
 
 
