@@ -8,6 +8,7 @@
     headwater publish --config FILE --partner P [--rate N] [--count M]
     headwater backfill --config FILE --partner P --source GLOB [--source GLOB ...] [beam options ...]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
+    headwater audit --config FILE [--sample N] [--log FILE] [--json]   raw PII where only masked values belong
 """
 from __future__ import annotations
 
@@ -123,6 +124,12 @@ def _cmd_manifest(args) -> int:
     return check_or_write(_load(args.config), write=args.write, path=args.manifest, out=sys.stdout)
 
 
+def _cmd_audit(args) -> int:
+    from deploy.audit import run_audit
+
+    return run_audit(_load(args.config), sample=args.sample, log=args.log, as_json=args.json, out=sys.stdout)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
     ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
@@ -158,6 +165,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
     s.add_argument("--write", action="store_true")
+    s = sub.add_parser("audit", help="scan the warehouse, dead letters and a log for raw values of annotated fields "
+                                     "(exit 1 on any hit)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--sample", type=int, default=None, help="rows per table (default: all)")
+    s.add_argument("--log", default=None, help="also scan this log file")
+    s.add_argument("--json", action="store_true", help="machine-readable report")
     return ap
 
 
@@ -180,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "backfill":
             return _cmd_backfill(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
-                "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
+                "publish": _cmd_publish, "manifest": _cmd_manifest, "audit": _cmd_audit}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2

@@ -214,6 +214,15 @@ class Masker:
         """The compiled annotations (what the compiled accelerator matches with)."""
         return self._rules
 
+    def column_rule(self, column: str) -> Optional[MaskRule]:
+        """The strongest annotation a flattened column name matches (``accounts__number``; child-table columns
+        as ``<array path>__<column>``), by the same token rule as values; None when none does."""
+        if not self.has_rules:
+            return None
+        st = self._step(self._start, column)
+        done = [self._rules[r] for r, i in st.pos if i == len(self._pats[r])] if st is not None else []
+        return max(done, key=_rank) if done else None
+
     # ------------------------------------------------------------ matching
     def _closure(self, pos: set) -> frozenset:
         stack = list(pos)
