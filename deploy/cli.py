@@ -12,6 +12,7 @@
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
     headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
     headwater deploy plan|build|launch|update|drain|status ...   Dataflow (deploy/commands.py, docs/deploy.md)
+    headwater audit --config FILE [--sample N] [--log FILE] [--json]   raw PII where only masked values belong
 """
 from __future__ import annotations
 
@@ -215,6 +216,12 @@ def _add_verify(sub) -> None:
     s.add_argument("--top", type=int, default=5, help="largest differences listed per aggregate (default 5)")
 
 
+def _cmd_audit(args) -> int:
+    from deploy.audit import run_audit
+
+    return run_audit(_load(args.config), sample=args.sample, log=args.log, as_json=args.json, out=sys.stdout)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
     ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
@@ -279,6 +286,12 @@ def _parser() -> argparse.ArgumentParser:
     from deploy.commands import add_deploy_parser
 
     add_deploy_parser(sub)
+    s = sub.add_parser("audit", help="scan the warehouse, dead letters and a log for raw values of annotated fields "
+                                     "(exit 1 on any hit)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--sample", type=int, default=None, help="rows per table (default: all)")
+    s.add_argument("--log", default=None, help="also scan this log file")
+    s.add_argument("--json", action="store_true", help="machine-readable report")
     return ap
 
 
@@ -307,7 +320,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return run_deploy(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
-                "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify}[args.cmd](args)
+                "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify,
+                "audit": _cmd_audit}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2
