@@ -35,9 +35,13 @@ class _CountMainRowsFn(beam.DoFn):
         self._tables = frozenset(tables)
         self._n = Metrics.counter("headwater", MAIN_ROWS)
 
-    def process(self, row):
-        if row.table in self._tables:
-            self._n.inc()
+    def process(self, element):
+        # The bounded job moves rows in batches (ingest.bounded.RowBatch, a list of TableRow); the streaming
+        # shape is one TableRow per element.
+        rows = element if isinstance(element, list) else (element,)
+        n = sum(1 for row in rows if row.table in self._tables)
+        if n:
+            self._n.inc(n)
         return iter(())
 
 

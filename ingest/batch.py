@@ -28,7 +28,7 @@ from flatten.mask import Masker, load_mask_key
 from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, Event, RawMessage, Reason, TableRow
 from ingest.contract import Contract, PartnerContract
-from ingest.envelope import EnvelopeParser, payload_ref
+from ingest.envelope import EnvelopeParser
 
 __all__ = ["BatchProcessor", "BatchResult", "Entry", "PARSE_STEP", "FLATTEN_STEP", "metric_columns"]
 
@@ -99,6 +99,7 @@ class BatchProcessor:
         m = contract.masking
         key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
         self._partners = {p.name: _Partner(p, key) for p in contract.partners}
+        self._refs = Masker([], key)  # keyed payload refs (hmac-sha256:), as ParseEnvelope makes them
         self._keep_rows = keep_rows
 
     def process(self, messages: Sequence[RawMessage], now_us: Optional[int] = None) -> BatchResult:
@@ -115,7 +116,7 @@ class BatchProcessor:
                 # Unknown partner means no masking policy is known: keep only a reference, never the bytes.
                 dead.append(DeadLetter(
                     partner=msg.partner, source=msg.source, coords=msg.coords, payload=b"",
-                    payload_ref=payload_ref(msg.payload), error_class="ConfigError", reason=Reason.UNKNOWN_PARTNER,
+                    payload_ref=self._refs.payload_ref(msg.payload), error_class="ConfigError", reason=Reason.UNKNOWN_PARTNER,
                     message=f"no partner {msg.partner!r} in the contract", step=PARSE_STEP, event_time_us=None,
                     processing_time_us=now_us))
                 continue
@@ -142,7 +143,7 @@ class BatchProcessor:
                 except (FlattenError, RecursionError, ValueError, TypeError) as exc:
                     dead.append(DeadLetter(
                         partner=msg.partner, source=msg.source, coords=msg.coords, payload=parsed.doc,
-                        payload_ref=payload_ref(parsed.doc), error_class=type(exc).__name__,
+                        payload_ref=self._refs.payload_ref(parsed.doc), error_class=type(exc).__name__,
                         reason=Reason.FLATTEN_ERROR,
                         message=(f"{exc.reason}: " if isinstance(exc, FlattenError) else "") + str(exc)[:1000],
                         step=FLATTEN_STEP, event_time_us=t_us, processing_time_us=now_us))
