@@ -395,3 +395,32 @@ def test_broker_down_and_emulator_restarted_mid_stream_recover_and_lose_nothing(
     if settled:
         _committed_everything(contract)
     print("\noutage log lines:\n" + "\n".join(line[:300] for line in log.splitlines() if "headwater" in line))
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL of the job process alone"])
+def test_no_runner_process_outlives_the_job(live_services, tmp_path, how):
+    contract, path = _contract(tmp_path, live_services.kafka_bootstrap)
+    send_payloads(contract, "acme_live", [])
+    send_payloads(contract, "orbit_live", _messages(contract, "orbit_live", 20, seed=4)[0])
+    job = Job(path, tmp_path / "job.log", {})
+    job.start()
+    try:
+        assert wait_for(lambda: _rows(contract)["orbit_live"][0] == 20, timeout=120), job.text()[-3000:]
+        from tests.conftest import runner_processes
+
+        assert runner_processes(job.marker, MARKER), "no Prism found for the running job: the check cannot bite"
+        if how == "SIGKILL of the job process alone":
+            os.kill(job.proc.pid, signal.SIGKILL)  # not the group: Prism's supervisor must notice by itself
+            job.proc.wait(timeout=30)
+        else:
+            job.proc.send_signal(getattr(signal, how))
+            assert job.proc.wait(timeout=90) == 0, job.text()[-3000:]
+            assert "job: final state CANCELLED" in job.text()
+        left = wait_no_runner(job.marker, marker=MARKER)
+    finally:
+        if job.proc.poll() is None:
+            job.kill()
+    assert not left, f"runner processes left after {how}: {left}"
+    if how != "SIGKILL of the job process alone":
+        _no_unhandled_errors(job.text())
