@@ -400,12 +400,11 @@ class _LedgerCommitter:
     @classmethod
     def ensure(cls, spec: KafkaSource, partner: str) -> "_LedgerCommitter":
         name = f"kafka-commit[{partner}/{spec.group_id}@{spec.bootstrap_servers}]"
-        with _COMMITTERS_LOCK:
-            me = _COMMITTERS.get(name)
-            if me is None:
-                me = _COMMITTERS[name] = cls(spec, partner)
-            me._loop = BackgroundLoop.ensure(name, me.step, me.pending, COMMIT_INTERVAL_S)
-            return me
+        return BackgroundLoop.ensure(name, lambda: cls(spec, partner), COMMIT_INTERVAL_S)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
 
     def watch(self, topic: str, partition: int) -> None:
         if (topic, partition) not in self._watched:
@@ -493,8 +492,6 @@ def _kafka_reachable() -> None:
         _NOISE.reachable()
 
 
-_COMMITTERS: dict[str, _LedgerCommitter] = {}
-_COMMITTERS_LOCK = threading.Lock()
 _COMMITS = Metrics.counter("headwater", "kafka_offset_commits")
 
 
