@@ -8,6 +8,7 @@
     headwater publish --config FILE --partner P [--rate N] [--count M]
     headwater backfill --config FILE --partner P --source GLOB [--source GLOB ...] [beam options ...]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
+    headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _cmd_validate(args) -> int:
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract, create_subscriptions=False)  # validate changes nothing; `run` creates a missing emulator subscription
     for p in contract.partners:
         kinds = ", ".join(s.kind for s in p.sources)
         print(f"partner {p.name}: sources [{kinds}], table {p.table.name} "
@@ -57,19 +58,35 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args, beam_argv: list[str]) -> int:
-    from ingest import pipeline
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract)  # before Beam is even imported: a launch that cannot work fails in seconds
+    from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
-    state = pipeline.run_until_stopped(contract, beam_argv)
+    status = _start_status(contract, args.status_every)
+    try:
+        state = pipeline.run_until_stopped(contract, beam_argv)
+    finally:
+        if status is not None:
+            status.stop()
     print(f"headwater: job finished in state {state}", file=sys.stderr)
     code = 0 if state in ("DONE", "CANCELLED") else 1
     if contract.streaming:
         exit_after_streaming(code)
     return code
+
+
+def _start_status(contract, every_s: float):
+    """The live status line of a streaming run, on a terminal only (deploy/status.py); None otherwise."""
+    if not contract.streaming or every_s <= 0 or not sys.stdout.isatty():
+        return None
+    from deploy.status import KafkaLag, StatusLine
+
+    lag = KafkaLag(contract)
+    line = StatusLine(every_s, kafka_lag=lag if lag else None)
+    return line if line.start() else None
 
 
 def _cmd_demo(args, beam_argv: list[str]) -> int:
@@ -123,6 +140,25 @@ def _cmd_manifest(args) -> int:
     return check_or_write(_load(args.config), write=args.write, path=args.manifest, out=sys.stdout)
 
 
+def _cmd_verify(args) -> int:
+    from deploy.verify import VerifyUsageError, WarehouseReadError, run_verify
+
+    try:
+        return run_verify(_load(args.config), args.partner, args.since, args.json, top=args.top)
+    except (VerifyUsageError, WarehouseReadError) as exc:
+        print(f"headwater verify: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_verify(sub) -> None:
+    s = sub.add_parser("verify", help="recompute aggregates from the warehouse rows and compare (exit 1 on drift)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", help="only this partner")
+    s.add_argument("--since", help="only keys with events since T (ISO-8601 time, or a duration back from now: 6h, 2d)")
+    s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    s.add_argument("--top", type=int, default=5, help="largest differences listed per aggregate (default 5)")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
     ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
@@ -131,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
     s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
     s.add_argument("--config", required=True)
+    s.add_argument("--status-every", type=float, default=10.0, metavar="SECONDS",
+                   help="streaming, on a terminal: a status line every N seconds (0: off; default 10)")
     s = sub.add_parser("backfill", help="bounded historical run of one partner from file globs (same transforms)")
     s.add_argument("--config", required=True)
     s.add_argument("--partner", required=True)
@@ -158,6 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
     s.add_argument("--write", action="store_true")
+    _add_verify(sub)
     return ap
 
 
@@ -180,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "backfill":
             return _cmd_backfill(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
-                "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
+                "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from typing import Mapping
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from flatten import live
 from flatten.options import SchemaMode
 from sinks import ledger
 from sinks.duckdb_store import DuckDBWarehouse
@@ -27,8 +28,9 @@ class _BufferedWriteFn(beam.DoFn):
                  modes: Mapping[str, SchemaMode]):
         self._kind = kind
         self._args = (warehouse, dict(tables), dict(modes))
-        self._written = Metrics.counter("headwater", f"warehouse_{kind}_written")
-        self._rejected = Metrics.counter("headwater", "dead_letters_warehouse")
+        # mirrored into flatten.live for the status line of `headwater run` (same increments)
+        self._written = live.mirror(Metrics.counter("headwater", f"warehouse_{kind}_written"), f"{kind}_written")
+        self._rejected = live.mirror(Metrics.counter("headwater", "dead_letters_warehouse"), "dead_letters_written")
 
     def setup(self) -> None:
         self._wh = DuckDBWarehouse(*self._args)

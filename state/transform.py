@@ -26,6 +26,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from flatten import live
 from flatten.records import AggregateInput, AggregateRow, DeadLetter, Reason
 from state import aggregate as A
 from state.spec import AggregateSpec
@@ -105,6 +106,9 @@ class _AggregateCore(beam.DoFn):
         self._late = Metrics.counter("headwater.state", "dead_letter_late")
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
         self._rows = Metrics.counter("headwater.state", "rows_emitted")
+        # keys holding state = created - expired (per worker; the status line of `headwater run`)
+        self._keys_created = live.mirror(Metrics.counter("headwater", "state_keys_created"), "state_keys_created")
+        self._keys_expired = live.mirror(Metrics.counter("headwater", "state_keys_expired"), "state_keys_expired")
 
     def _now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -170,6 +174,7 @@ class _AggregateCore(beam.DoFn):
             yield dead
             return
         st = self._load(cell)
+        new_key = st is None
         before = (None, None, None) if st is None else (st.close_at, st.ttl_at, st.probe_at)
         if st is None and self._seed is not None:  # first touch after a restart: resume from the warehouse
             seeded = self._seed.take(element[0])
@@ -181,6 +186,8 @@ class _AggregateCore(beam.DoFn):
             return  # state untouched
         self._sync(st, before, plan, timers)
         cell.write(st.to_bytes())
+        if new_key:
+            self._keys_created.inc()
 
     def _timer(self, which: str, key: AggKey, ts: Timestamp, cell, timers: tuple) -> Iterator[AggregateRow]:
         st = self._load(cell)
@@ -207,6 +214,7 @@ class _AggregateCore(beam.DoFn):
             cell.clear()
             for t in timers:
                 t.clear()
+            self._keys_expired.inc()
         else:
             self._sync(st, tuple(before), plan, timers)
             cell.write(st.to_bytes())
