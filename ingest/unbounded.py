@@ -10,7 +10,7 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import Timestamp
 
-__all__ = ["ManualWatermarks", "advance_watermark", "run_later", "nothing", "BackgroundLoop", "stop_loops"]
+__all__ = ["ManualWatermarks", "advance_watermark", "nothing", "BackgroundLoop", "stop_loops"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ def advance_watermark(estimator: ManualWatermarkEstimator, ts: Timestamp) -> Non
 def nothing() -> None:
     """A finalization callback with nothing to commit or ack."""
     return None
-
-
-def run_later(delay_s: float, action: Callable[[], None]) -> None:
-    """Run ``action`` after ``delay_s`` on a daemon timer. A killed job never runs it, so the
-    source replays (Kafka) or the broker redelivers (Pub/Sub): duplicates, which dedup removes, never loss."""
-    timer = threading.Timer(delay_s, action)
-    timer.daemon = True
-    timer.start()
 
 
 #: Backoff bounds of a failing background loop (commit / ack): retried forever, at most this far apart.
