@@ -283,6 +283,7 @@ class _ReadPartitionFn(beam.DoFn):
         self._closing = False
         self._loop: Optional[_LedgerCommitter] = None
         if self._mode == "ledger":
+            _quiet_kafka_client()
             self._loop = _LedgerCommitter.ensure(self._spec, self._partner)
 
     def teardown(self):
@@ -350,6 +351,7 @@ class _ReadPartitionFn(beam.DoFn):
                 batch = reader.poll(timeout_ms=200, max_records=500).get(tp, [])
             if not batch:
                 break
+            _kafka_reachable()
             for record in batch:
                 if not tracker.try_claim(record.offset):
                     self._positions.pop(key, None)
@@ -402,12 +404,11 @@ class _LedgerCommitter:
     @classmethod
     def ensure(cls, spec: KafkaSource, partner: str) -> "_LedgerCommitter":
         name = f"kafka-commit[{partner}/{spec.group_id}@{spec.bootstrap_servers}]"
-        with _COMMITTERS_LOCK:
-            me = _COMMITTERS.get(name)
-            if me is None:
-                me = _COMMITTERS[name] = cls(spec, partner)
-            me._loop = BackgroundLoop.ensure(name, me.step, me.pending, COMMIT_INTERVAL_S)
-            return me
+        return BackgroundLoop.ensure(name, lambda: cls(spec, partner), COMMIT_INTERVAL_S)
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
 
     def watch(self, topic: str, partition: int) -> None:
         if (topic, partition) not in self._watched:
@@ -440,12 +441,61 @@ class _LedgerCommitter:
             self._consumer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
         self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(pos, "", -1) for (t, p), pos in todo.items()},
                               timeout_ms=5000)
+        _kafka_reachable()
         self._committed.update(todo)
         _COMMITS.inc(len(todo))
 
 
-_COMMITTERS: dict[str, _LedgerCommitter] = {}
-_COMMITTERS_LOCK = threading.Lock()
+class _KafkaClientNoise(logging.Handler):
+    """kafka-python logs every failed reconnect (hundreds of ``ECONNREFUSED`` lines a minute while a
+    broker is down). On the local runner those records pass through here: the first one of an outage
+    is kept, with one headwater line saying what happens next; the rest are counted, not printed,
+    until :func:`_kafka_reachable` reports the broker back (a poll returned records or a commit
+    succeeded), which logs one line with the outage's length. CRITICAL records always pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.since: Optional[float] = None
+        self.suppressed = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.CRITICAL:
+            if self.since is not None or (record.levelno < logging.ERROR and record.name.startswith(_CONNECTION_LOGGERS)):
+                self.suppressed += 1  # connection churn ("No node available ...") is not news on its own
+                return
+            if record.levelno >= logging.ERROR:
+                self.since = time.monotonic()
+                _LOG.warning("headwater kafka: the broker is unreachable (%s: %s); reads and offset commits retry "
+                             "until it is back; further client errors are counted, not logged",
+                             record.name, record.getMessage()[:200])
+                return
+        logging.getLogger().handle(record)
+
+    def reachable(self) -> None:
+        if self.since is not None:
+            _LOG.warning("headwater kafka: the broker is reachable again after %.1fs (%d client log lines "
+                         "suppressed)", time.monotonic() - self.since, self.suppressed)
+            self.since = None
+            self.suppressed = 0
+
+
+_CONNECTION_LOGGERS = ("kafka.net", "kafka.cluster", "kafka.conn", "kafka.client")
+_NOISE = _KafkaClientNoise()
+
+
+def _quiet_kafka_client() -> None:
+    """Route kafka-python's log records through ``_NOISE`` (once per process)."""
+    lg = logging.getLogger("kafka")
+    if _NOISE not in lg.handlers:
+        lg.addHandler(_NOISE)
+        lg.propagate = False
+
+
+def _kafka_reachable() -> None:
+    if _NOISE.since is not None:
+        _NOISE.reachable()
+
+
 _COMMITS = Metrics.counter("headwater", "kafka_offset_commits")
 
 

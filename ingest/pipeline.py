@@ -239,6 +239,11 @@ def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=No
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         result = run(contract, beam_argv, wait=False)
+        if previous:
+            # Beam's job server installs its own SIGINT handler when it starts (it stops Prism at once,
+            # before the job is cancelled, and the SDK worker threads die with tracebacks): ours again.
+            for sig in previous:
+                signal.signal(sig, lambda *_: stop.set())
         if on_running:
             on_running()
         _LOG.warning("headwater: streaming job running; Ctrl-C (SIGINT) or SIGTERM stops it cleanly")
@@ -252,14 +257,17 @@ def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=No
             time.sleep(poll_s)
         return str(result.state)
     finally:
-        _end_local_job()
+        _end_local_job(stop_runner=False)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _end_local_job() -> None:
-    """After a local streaming job: commit what the warehouse made durable, stop the commit loops,
-    forget the ledger, and stop the runner process (nothing of the job is left running)."""
+def _end_local_job(stop_runner: bool = True) -> None:
+    """After a local streaming job: commit what the warehouse made durable, stop the commit loops and
+    forget the ledger. ``stop_runner``: stop the Prism process now (a process that goes on, e.g. a test
+    session). Without it Prism stops when this process exits, however it exits (its supervisor,
+    ``ingest.runner.supervised_prism``): stopping it first would cut the SDK workers' streams while they
+    wind down, and they die with tracebacks."""
     from ingest.runner import stop_local_runners
     from ingest.unbounded import stop_loops
     from sinks import ledger
@@ -268,4 +276,5 @@ def _end_local_job() -> None:
         stop_loops(final=True)
     finally:
         ledger.reset()
-        stop_local_runners()
+        if stop_runner:
+            stop_local_runners()

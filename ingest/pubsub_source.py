@@ -35,7 +35,6 @@ event-time check decides whether that is a dead letter).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import datetime
 from functools import partial
@@ -298,12 +297,11 @@ class _LedgerAcker:
     @classmethod
     def ensure(cls, subscription: str, partner: str) -> "_LedgerAcker":
         name = f"pubsub-ack[{partner}/{subscription}]"
-        with _ACKERS_LOCK:
-            me = _ACKERS.get(name)
-            if me is None:
-                me = _ACKERS[name] = cls(subscription, partner)
-            BackgroundLoop.ensure(name, me.step, me.pending, ACK_INTERVAL_S)
-            return me
+        return BackgroundLoop.ensure(name, lambda: cls(subscription, partner), ACK_INTERVAL_S)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
 
     def pending(self) -> str:
         return (f"{len(ledger.pubsub_pending(self._subscription))} messages in flight, "
@@ -342,9 +340,6 @@ class _LedgerAcker:
                     "subscription": sub, "ack_ids": leased[i:i + 1000], "ack_deadline_seconds": LEASE_SECONDS},
                     timeout=10)
 
-
-_ACKERS: dict[str, _LedgerAcker] = {}
-_ACKERS_LOCK = threading.Lock()
 
 
 class _PullRead(beam.PTransform):

@@ -128,7 +128,8 @@ def runner_options(contract_is_streaming: bool, user_argv: list[str], prism: Opt
         if _flag(argv, "environment_type") is None:
             extra.append("--environment_type=LOOPBACK")
         have = _experiments(argv)
-        extra += [f"--experiments={e}" for e in PRISM_EXPERIMENTS if e not in have]
+        if os.environ.get("HEADWATER_PRISM_ALLOW_SPLITS") != "1":  # measurements only: aggregates may drift
+            extra += [f"--experiments={e}" for e in PRISM_EXPERIMENTS if e not in have]
     if "--streaming" not in argv and _flag(argv, "streaming") is None:
         extra.append("--streaming")
     return [*extra, *argv]

@@ -10,7 +10,7 @@ from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import Timestamp
 
-__all__ = ["ManualWatermarks", "advance_watermark", "run_later", "nothing", "BackgroundLoop", "stop_loops"]
+__all__ = ["ManualWatermarks", "advance_watermark", "nothing", "BackgroundLoop", "stop_loops"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ def advance_watermark(estimator: ManualWatermarkEstimator, ts: Timestamp) -> Non
 def nothing() -> None:
     """A finalization callback with nothing to commit or ack."""
     return None
-
-
-def run_later(delay_s: float, action: Callable[[], None]) -> None:
-    """Run ``action`` after ``delay_s`` on a daemon timer. A killed job never runs it, so the
-    source replays (Kafka) or the broker redelivers (Pub/Sub): duplicates, which dedup removes, never loss."""
-    timer = threading.Timer(delay_s, action)
-    timer.daemon = True
-    timer.start()
 
 
 #: Backoff bounds of a failing background loop (commit / ack): retried forever, at most this far apart.
@@ -72,16 +64,21 @@ class BackgroundLoop:
         self._outage_since: Optional[float] = None
         self._failures = 0
         self._thread = threading.Thread(target=self._run, name=f"headwater-{name}", daemon=True)
+        self.owner: object = None
 
     @classmethod
-    def ensure(cls, name: str, step: Callable[[], None], pending: Callable[[], str],
-               interval_s: float = 0.5) -> "BackgroundLoop":
+    def ensure(cls, name: str, make_owner: Callable[[], object], interval_s: float = 0.5):
+        """The owner of the loop called ``name`` (one per process), made by ``make_owner()`` and
+        started if there is none: an object with ``step()``, ``pending() -> str`` and optionally
+        ``close()`` (called after the final step when the loop stops)."""
         with _loops_lock:
             loop = _loops.get(name)
             if loop is None or not loop._thread.is_alive():
-                loop = _loops[name] = cls(name, step, pending, interval_s)
+                owner = make_owner()
+                loop = _loops[name] = cls(name, owner.step, owner.pending, interval_s)
+                loop.owner = owner
                 loop._thread.start()
-            return loop
+            return loop.owner
 
     def _once(self) -> bool:
         try:
@@ -117,6 +114,12 @@ class BackgroundLoop:
         self._thread.join(timeout_s)
         if final and not self._thread.is_alive():
             self._once()
+        close = getattr(self.owner, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing a client of a server that is gone
+                pass
 
 
 def stop_loops(final: bool = True) -> None:

@@ -443,16 +443,19 @@ class _BigQueryReader:
         if since_us is not None:
             since = "AND event_time >= @since"
             params.append(bigquery.ScalarQueryParameter("since", "TIMESTAMP", _ts_param(since_us)))
+        found: dict[str, Any] = {}
         for (payload, truncated, coords) in self._query(
                 f"SELECT payload, payload_truncated, coords FROM {self._ref(dl)} WHERE partner = @partner "
                 f"AND source = 'warehouse' AND STARTS_WITH(coords, @prefix) {since}", params):
-            if truncated or payload is None:
-                continue  # the row is not recoverable from the dead letter
-            row_id = coords[len(prefix):]
-            exists = list(self._query(
-                f"SELECT 1 FROM {self._ref(plan.table)} WHERE _row_id = @id LIMIT 1",
-                [bigquery.ScalarQueryParameter("id", "STRING", row_id)]))
-            if not exists:
+            if not truncated and payload is not None:  # a truncated payload cannot be recovered
+                found[coords[len(prefix):]] = payload
+        if not found:
+            return
+        written = {r[0] for r in self._query(  # rejected once, written after all (a retry): the row counts
+            f"SELECT DISTINCT _row_id FROM {self._ref(plan.table)} WHERE _row_id IN UNNEST(@ids)",
+            [bigquery.ArrayQueryParameter("ids", "STRING", sorted(found))])}
+        for row_id, payload in found.items():
+            if row_id not in written:
                 yield payload
 
     def late_coords(self, partner: str) -> set[str]:

@@ -147,6 +147,26 @@ def test_duckdb_inputs_equal_the_streams_and_recompute_equals_the_aggregates(tmp
     _check(contract, evs)
 
 
+def test_events_the_aggregation_dead_lettered_as_late_are_left_out(tmp_path):
+    """The stream's state never took a late event: its aggregate dead letter removes it from the inputs."""
+    from flatten.records import DeadLetter
+    from sinks.duckdb_store import DuckDBWarehouse
+
+    contract = contract_for({"kind": "duckdb", "path": str(tmp_path / "wh.duckdb")})
+    evs = events(50)
+    _write(contract, evs)
+    want = stream_inputs(contract, evs)
+    late = next(i for i in want if i.partner == "evo" and i.aggregate == "activity")
+    wh = DuckDBWarehouse(contract.warehouse, {p.name: p.table for p in contract.partners}, {})
+    wh.write_dead_letters([DeadLetter(
+        partner="evo", source="aggregate", coords=f"activity:{late.key}#{late.event_id}", payload=late.values,
+        payload_ref="sha256:x", error_class="LateEvent", reason="late", message="late", step="ComputeAggregates",
+        event_time_us=late.event_time_us, processing_time_us=0)])
+    got = sorted(aggregate_inputs_from_warehouse(contract))
+    assert got == sorted(i for i in want if i != late)
+    assert len(list(aggregate_inputs_from_warehouse(contract, exclude_late=False))) == len(want)
+
+
 @pytest.mark.integration
 def test_bigquery_emulator_inputs_equal_the_streams(cloud_services):
     contract = contract_for({"kind": "bigquery", "project": "headwater-local", "dataset": unique_id("verify"),
