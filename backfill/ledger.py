@@ -24,7 +24,7 @@ import orjson
 
 from backfill.chunks import Chunk
 
-__all__ = ["Counts", "LEDGER_TABLE", "LEDGER_COLUMNS", "LedgerRow", "DuckDBLedger", "BigQueryLedger"]
+__all__ = ["Counts", "summary_line", "LEDGER_TABLE", "LEDGER_COLUMNS", "LedgerRow", "DuckDBLedger", "BigQueryLedger"]
 
 LEDGER_TABLE = "_headwater_backfills"
 LEDGER_COLUMNS = (("backfill_id", "STRING"), ("kind", "STRING"), ("uri", "STRING"), ("generation", "STRING"),
@@ -49,6 +49,13 @@ class Counts(NamedTuple):
     @property
     def reconciled(self) -> bool:
         return self.events_in == self.rows + self.dead_letters + self.duplicates + self.out_of_range
+
+
+def summary_line(c: Counts, extra: str = "") -> str:
+    """``N records in = rows + dead letters + duplicates + out of range -> OK`` (or MISMATCH)."""
+    ok = "OK" if c.reconciled else "MISMATCH"
+    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
+            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 class LedgerRow(NamedTuple):

@@ -23,10 +23,9 @@ from typing import Iterator, Sequence, TextIO
 import orjson
 
 from backfill.chunks import Chunk, iter_chunks
-from backfill.ledger import Counts
+from backfill.ledger import Counts, summary_line
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
-from backfill.summary import summary_line
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
-from backfill.ledger import Counts
+from backfill.ledger import Counts, summary_line
 
 __all__ = ["CountOutcomes", "counts_from", "summary_line", "run_bounded"]
 
@@ -75,12 +75,6 @@ def counts_from(result) -> Counts:
     return Counts(events_in=n.get("file_records", 0) + n.get("dead_letters_file", 0) + n.get("replay_records", 0),
                   rows=n.get(MAIN_ROWS, 0), dead_letters=n.get(DEAD, 0), duplicates=n.get("duplicate_events", 0),
                   out_of_range=n.get("backfill_out_of_range", 0))
-
-
-def summary_line(c: Counts, extra: str = "") -> str:
-    ok = "OK" if c.reconciled else "MISMATCH"
-    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
-            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
