@@ -104,3 +104,35 @@ def test_fill_columns_replace_on_duckdb(tmp_path):
     assert _q(db, count % "acme_events") == [(900, 900)]
     assert "deleted       100" in out.getvalue() and "updated       300" in out.getvalue(), out.getvalue()
     assert _q(db, "SELECT kind, count(*) FROM _headwater_backfills WHERE kind = 'apply' GROUP BY 1") == [("apply", 3)]
+
+
+def test_history_is_reconciled_against_the_live_schema(tmp_path):
+    """Staging starts with the live schemas: a history whose first values have another type than the
+    stream saw gets the same columns and values as if the stream had written it after the live rows."""
+    live_events = [{"id": f"a{i}", "timestamp": f"2026-03-01T10:{i:02d}:00Z", "user": {"id": "u"}, "amount": i}
+                   for i in range(10)]
+    history = [{"id": f"b{i}", "timestamp": f"2026-03-02T10:{i:02d}:00Z", "user": {"id": "u"}, "amount": i + 0.5,
+                "code": str(i)} for i in range(10)]
+    a, b = _write(tmp_path, "a", live_events), _write(tmp_path, "b", history)
+
+    def contract(db, pattern):
+        return parse_contract({"warehouse": {"kind": "duckdb", "path": str(tmp_path / db)},
+                               "partners": [{"name": "acme", "sources": [{"kind": "file", "pattern": pattern}],
+                                             "table": {"name": "acme_events"}}]})
+
+    run(contract("ref.duckdb", a), [])
+    run(contract("ref.duckdb", b), [])  # the stream writing the history after the live rows
+    run(contract("live.duckdb", a), [])
+    out = io.StringIO()
+    assert run_backfill(contract("live.duckdb", a), BackfillSpec(partner="acme", patterns=(b,), backfill_id="hist"),
+                        out=out, err=io.StringIO()) == 0, out.getvalue()
+
+    def table(db):
+        con = open_readonly(str(tmp_path / db))
+        try:
+            cur = con.execute("SELECT * FROM acme_events ORDER BY _row_id")
+            return [d[0] for d in cur.description], cur.fetchall()
+        finally:
+            con.close()
+
+    assert table("live.duckdb") == table("ref.duckdb")
