@@ -10,6 +10,9 @@
     headwater backfill run  --config FILE --partner P --source GLOB... --id ID [...] [beam options ...]
     headwater replay --config FILE [--partner P] [--reason R] [--from T --to T] [--id ID]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
+    headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
+    headwater deploy plan|build|launch|update|drain|status ...   Dataflow (deploy/commands.py, docs/deploy.md)
+    headwater audit --config FILE [--sample N] [--log FILE] [--json]   raw PII where only masked values belong
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _cmd_validate(args) -> int:
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract, create_subscriptions=False)  # validate changes nothing; `run` creates a missing emulator subscription
     for p in contract.partners:
         kinds = ", ".join(s.kind for s in p.sources)
         print(f"partner {p.name}: sources [{kinds}], table {p.table.name} "
@@ -59,23 +62,39 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args, beam_argv: list[str]) -> int:
-    from ingest import pipeline
     from ingest.preflight import preflight
 
     contract = _load(args.config)
-    preflight(contract)
+    preflight(contract)  # before Beam is even imported: a launch that cannot work fails in seconds
+    from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)
     if not contract.streaming:  # bounded: progress on a TTY, then the reconciliation (exit 1 if it does not hold)
         from backfill.summary import run_bounded
 
         return run_bounded(contract, beam_argv)
-    state = pipeline.run_until_stopped(contract, beam_argv)
+    status = _start_status(contract, args.status_every)
+    try:
+        state = pipeline.run_until_stopped(contract, beam_argv)
+    finally:
+        if status is not None:
+            status.stop()
     print(f"headwater: job finished in state {state}", file=sys.stderr)
     code = 0 if state in ("DONE", "CANCELLED") else 1
     if contract.streaming:
         exit_after_streaming(code)
     return code
+
+
+def _start_status(contract, every_s: float):
+    """The live status line of a streaming run, on a terminal only (deploy/status.py); None otherwise."""
+    if not contract.streaming or every_s <= 0 or not sys.stdout.isatty():
+        return None
+    from deploy.status import KafkaLag, StatusLine
+
+    lag = KafkaLag(contract)
+    line = StatusLine(every_s, kafka_lag=lag if lag else None)
+    return line if line.start() else None
 
 
 def _cmd_demo(args, beam_argv: list[str]) -> int:
@@ -179,6 +198,31 @@ def _cmd_manifest(args) -> int:
     return check_or_write(_load(args.config), write=args.write, path=args.manifest, out=sys.stdout)
 
 
+def _cmd_verify(args) -> int:
+    from deploy.verify import VerifyUsageError, WarehouseReadError, run_verify
+
+    try:
+        return run_verify(_load(args.config), args.partner, args.since, args.json, top=args.top)
+    except (VerifyUsageError, WarehouseReadError) as exc:
+        print(f"headwater verify: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_verify(sub) -> None:
+    s = sub.add_parser("verify", help="recompute aggregates from the warehouse rows and compare (exit 1 on drift)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--partner", help="only this partner")
+    s.add_argument("--since", help="only keys with events since T (ISO-8601 time, or a duration back from now: 6h, 2d)")
+    s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    s.add_argument("--top", type=int, default=5, help="largest differences listed per aggregate (default 5)")
+
+
+def _cmd_audit(args) -> int:
+    from deploy.audit import run_audit
+
+    return run_audit(_load(args.config), sample=args.sample, log=args.log, as_json=args.json, out=sys.stdout)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="headwater", description="Streaming-first event ingestion on Apache Beam.")
     ap.add_argument("-v", "--verbose", action="store_true", help="INFO logging (Beam's included)")
@@ -187,6 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=10_000, help="events per partner (default 10000)")
     s = sub.add_parser("run", help="run the pipeline for a contract; unknown options go to Beam")
     s.add_argument("--config", required=True)
+    s.add_argument("--status-every", type=float, default=10.0, metavar="SECONDS",
+                   help="streaming, on a terminal: a status line every N seconds (0: off; default 10)")
     s = sub.add_parser("backfill", help="historical backfills: plan (writes nothing), run (resumable by --id)")
     bsub = s.add_subparsers(dest="backfill_cmd", required=True)
     for name, what in (("plan", "list chunks, estimate events and partitions, say what the mode does; writes nothing"),
@@ -237,6 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--manifest", default=None, help="manifest path (default deploy/manifest/steps.json)")
     s.add_argument("--write", action="store_true")
+    _add_verify(sub)
+    from deploy.commands import add_deploy_parser
+
+    add_deploy_parser(sub)
+    s = sub.add_parser("audit", help="scan the warehouse, dead letters and a log for raw values of annotated fields "
+                                     "(exit 1 on any hit)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--sample", type=int, default=None, help="rows per table (default: all)")
+    s.add_argument("--log", default=None, help="also scan this log file")
+    s.add_argument("--json", action="store_true", help="machine-readable report")
     return ap
 
 
@@ -249,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if rest and args.cmd not in ("run", "demo", "backfill", "replay"):
+    if rest and args.cmd not in ("run", "demo", "backfill", "replay", "deploy"):
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.cmd == "run":
@@ -260,10 +316,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _cmd_backfill(args, rest)
         if args.cmd == "replay":
             return _cmd_replay(args, rest)
+        if args.cmd == "deploy":  # Dataflow: deploy/commands.py (unknown options go to Beam)
+            from deploy.commands import run_deploy
+
+            return run_deploy(args, rest)
         return {"validate": _cmd_validate, "flatten": _cmd_flatten, "schema": _cmd_schema,
-                "publish": _cmd_publish, "manifest": _cmd_manifest}[args.cmd](args)
+                "publish": _cmd_publish, "manifest": _cmd_manifest, "verify": _cmd_verify,
+                "audit": _cmd_audit}[args.cmd](args)
     except (ContractError, ValidationError) as exc:
         print(f"headwater: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        if args.cmd != "deploy":
+            raise
+        print(f"headwater deploy: {exc}", file=sys.stderr)  # bad job name, missing baseline, bad mapping file
         return 2
     except Exception as exc:  # noqa: BLE001 - known launch errors get one clean line, not a traceback
         if type(exc).__name__ in ("PrismNotFound", "MaskKeyError"):

@@ -32,7 +32,7 @@ Rules (details and rationale in docs/flatten.md):
 from __future__ import annotations
 
 from hashlib import sha256
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 from flatten.infer import (
     INT64_MAX,
@@ -230,7 +230,9 @@ class Flattener:
         for name, v in zip(names, obj.values()):
             t = type(v)
             if percol and (t is str or t is int or t is float):
-                if self._percol_scalar(v, name, site.table, cols, types):
+                r = self.column_override(v, name, site.table)
+                if r is not None:
+                    cols[name], types[name] = r
                     continue
             if t is str:
                 if detect and len(v) > 9 and v[4] == "-" and v[7] == "-":
@@ -277,7 +279,9 @@ class Flattener:
         """One value, generically (used by compiled plans when a value's type differs from the plan's)."""
         t = type(v)
         if self._percol and (t is str or t is int or t is float):
-            if self._percol_scalar(v, name, site.table, cols, types):
+            r = self.column_override(v, name, site.table)
+            if r is not None:
+                cols[name], types[name] = r
                 return
         if t is str:
             if self._detect and len(v) > 9 and v[4] == "-" and v[7] == "-":
@@ -308,8 +312,10 @@ class Flattener:
         elif v is not None:
             _unsupported(name, t)
 
-    def _percol_scalar(self, v: Any, name: str, table: str, cols: dict, types: dict) -> bool:
-        """Per-column timestamp overrides; True when the value was stored."""
+    def column_override(self, v: Any, name: str, table: str) -> Optional[tuple]:
+        """The per-column timestamp options (``timestamp_columns`` / ``no_timestamp_columns``) applied to one
+        scalar ``v`` of column ``name`` in child table ``table`` ("" for the main table): ``(value, type)``
+        when an option decides how it is stored, else None (stored by its own type)."""
         full = table + "__" + name if table else name
         if full in self._ts_cols:
             if type(v) is str:
@@ -319,15 +325,10 @@ class Flattener:
             else:
                 ts = epoch_to_timestamp(v)
                 r = (ts, "TIMESTAMP") if ts is not None else None
-            if r is not None:
-                cols[name], types[name] = r
-                return True
-            return False  # not a timestamp: stored by its own type (a schema conflict decides)
+            return r  # None: not a timestamp, stored by its own type (a schema conflict decides)
         if full in self._no_ts_cols and type(v) is str:
-            cols[name] = v
-            types[name] = "STRING"
-            return True
-        return False
+            return (v, "STRING")
+        return None
 
     def _array(self, arr: list, name: str, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
         kinds = set(map(type, arr))

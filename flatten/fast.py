@@ -19,7 +19,10 @@ event, which then takes the Python path. What declines (counted in
 
 Per-column timestamp options (``timestamp_columns`` / ``no_timestamp_columns``)
 are supported: for those columns the native side calls the Python
-``Flattener._percol_scalar`` itself.
+``Flattener.column_override`` itself. The native side is built only from public
+interfaces: ``Masker.rules()``, ``flatten.mask.canonical_bytes``,
+``flatten.names.normalize_key``, ``flatten.infer.parse_timestamp`` and
+``Flattener.column_override``.
 
 Set ``HEADWATER_NO_NATIVE=1`` to force the Python path everywhere.
 """
@@ -30,9 +33,10 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
+from flatten import jsonio
 from flatten.core import Flattener
 from flatten.infer import parse_timestamp
-from flatten.mask import Masker, _canonical_bytes
+from flatten.mask import Masker, canonical_bytes
 from flatten.names import normalize_key
 from flatten.options import ColumnAnnotation, FlattenOptions
 
@@ -44,8 +48,8 @@ try:
     import headwater_native as _native
 
     _IMPORT_ERROR: Optional[str] = None
-    if getattr(_native, "ABI_VERSION", None) != 1:
-        _IMPORT_ERROR = f"headwater_native ABI {getattr(_native, 'ABI_VERSION', None)!r} != 1 (rebuild native/)"
+    if getattr(_native, "ABI_VERSION", None) != 2:
+        _IMPORT_ERROR = f"headwater_native ABI {getattr(_native, 'ABI_VERSION', None)!r} != 2 (rebuild native/)"
         _native = None
 except ImportError as exc:  # not built: the Python path is used
     _native = None
@@ -61,31 +65,12 @@ def native_import_error() -> Optional[str]:
     return _IMPORT_ERROR
 
 
-def _mask_tree(masker: Optional[Masker]) -> list:
-    """The Masker's annotation tree as flat tuples (node 0 = root) for the native side."""
+def _mask_rules(masker: Optional[Masker]) -> list:
+    """The Masker's compiled annotations (its public ``rules()``) as plain tuples for the native side:
+    ``[(tokens (None for '*'), policy, keep_last, per_element)]``."""
     if masker is None or not masker.has_rules:
         return []
-    nodes: list = []
-    index: dict[int, int] = {}
-    order = [masker._root]
-    index[id(masker._root)] = 0
-    i = 0
-    while i < len(order):
-        n = order[i]
-        for c in [*n.keys.values(), n.star, n.items]:
-            if c is not None and id(c) not in index:
-                index[id(c)] = len(order)
-                order.append(c)
-        i += 1
-    for n in order:
-        nodes.append((
-            {k: index[id(c)] for k, c in n.keys.items()},
-            index[id(n.star)] if n.star is not None else -1,
-            index[id(n.items)] if n.items is not None else -1,
-            n.policy.value if n.policy is not None else None,
-            n.keep_last,
-        ))
-    return nodes
+    return [(list(r.tokens), r.policy.value, r.keep_last, r.per_element) for r in masker.rules()]
 
 
 class FastFlattener:
@@ -103,20 +88,13 @@ class FastFlattener:
         want = native_available() if use_native is None else (use_native and _native is not None)
         self._nf: Any = None
         if want:
-            percol = None
-            if options.timestamp_columns or options.no_timestamp_columns:
-                percol_scalar = self.flattener._percol_scalar
-
-                def percol(v: Any, name: str, table: str) -> Optional[tuple]:
-                    cols: dict = {}
-                    types: dict = {}
-                    return (cols[name], types[name]) if percol_scalar(v, name, table, cols, types) else None
-
+            overrides = bool(options.timestamp_columns or options.no_timestamp_columns)
             self._nf = _native.NativeFlattener(
                 options.max_depth, options.scalar_arrays == "child", options.detect_timestamps,
-                _mask_tree(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
-                normalize_key, parse_timestamp, _canonical_bytes,
-                list(options.timestamp_columns), list(options.no_timestamp_columns), percol)
+                _mask_rules(self.masker), bytes(key) if self.masker is not None else b"\0" * 32,
+                normalize_key, parse_timestamp, canonical_bytes,
+                list(options.timestamp_columns), list(options.no_timestamp_columns),
+                self.flattener.column_override if overrides else None)
         self.python_events = 0
 
     @property
@@ -144,7 +122,7 @@ class FastFlattener:
                     mask: bool = False) -> list:
         """The reference path: orjson + (mask_doc) + Flattener.flatten + orjson.dumps."""
         self.python_events += 1
-        doc = orjson.loads(payload)
+        doc = jsonio.loads(payload)  # (integers beyond 64 bits exact: the native parser declines those)
         if mask and self.masker is not None:
             doc = self.masker.mask_doc(doc)
         dumps = orjson.dumps

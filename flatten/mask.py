@@ -7,15 +7,18 @@ document *before* envelope extraction and flattening, and
 dead-letter payload, so no raw annotated value reaches any output or log.
 
 Annotation paths address the ORIGINAL nested JSON: ``.`` between keys, ``*``
-any one key, ``[]`` every element of a list (``user.*.ssn``,
-``accounts[].number``, ``tags[]``). Matching is deliberately generous, because
-a miss leaks PII: a path key matches a JSON key when they are equal *or* normalise
-to the same column name (``SSN`` matches ``ssn``, ``e-mail`` matches ``e_mail``);
-a key step that meets a list applies to every element of the list, as if ``[]``
-were written. When several annotations hit the same value the strongest policy
-wins: drop > redact > hash > tokenize. ``null`` values stay ``null``. A
-container nested more than 200 levels below an annotated path is dropped rather
-than inspected (bounded recursion; never passed through unmasked).
+any key(s), ``[]`` list elements (``user.*.ssn``, ``accounts[].number``,
+``tags[]``). Matching is deliberately generous, because a miss leaks PII, and
+holds when a partner's shapes drift (see :class:`Masker` and docs/flatten.md):
+paths are compared as *name tokens* (keys normalised like column names, split on
+``_``), so ``SSN`` matches ``ssn``, ``e-mail`` matches ``e_mail``, and a literal
+dotted key ``"user.ssn"`` matches ``user.ssn``; lists are transparent wherever
+they occur (``[]`` is optional; an object where the contract says list, arrays
+of arrays, a scalar where it says list all match). When several annotations hit
+the same value the strongest policy wins: drop > redact (fewest characters kept)
+> hash > tokenize. ``null`` values stay ``null``. A container nested more than
+200 levels below a live annotation path is dropped rather than inspected
+(bounded recursion; never passed through unmasked).
 
 Policies (all keyed from one secret; sub-keys are derived with HMAC so the hash,
 token and encryption keys are independent):
@@ -37,17 +40,19 @@ import base64
 import hmac
 import os
 from hashlib import sha256
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flatten import jsonio
 from flatten.infer import JsonTextError, to_json_text
 from flatten.names import normalize_key
 from flatten.options import ColumnAnnotation, PiiPolicy
 
-__all__ = ["MaskKeyError", "load_mask_key", "Masker", "ENC_PREFIX", "DEV_KEY"]
+__all__ = ["MaskKeyError", "load_mask_key", "Masker", "MaskRule", "compile_rule", "canonical_bytes", "ENC_PREFIX",
+           "DEV_KEY"]
 
 ENC_PREFIX = b"enc:v1:"
 #: Fixed development key (``allow_dev_key``); never for real data.
@@ -100,65 +105,103 @@ def _decode_key(data: bytes, origin: str) -> bytes:
     return data
 
 
-def _parse_path(path: str) -> list[tuple[str, str]]:
-    """``"a.*.b[]"`` -> ``[("key","a"), ("star",""), ("key","b"), ("items","")]``."""
-    steps: list[tuple[str, str]] = []
-    for seg in path.split("."):
+#: Pattern tokens for ``*``: exactly one name token, then any number more (never a real token: those are [a-z0-9]+).
+_ANY = "*"
+_ANYSTAR = "**"
+
+
+class MaskRule(NamedTuple):
+    """One annotation compiled for matching (public: the compiled accelerator builds its matcher from these).
+
+    ``tokens``: the path's name tokens, ``None`` for ``*`` (each key normalised by
+    :func:`flatten.names.normalize_key`, then split on ``_``; ``[]`` markers removed);
+    ``per_element``: the path ends in ``[]`` (a list found there is masked element by element).
+    """
+
+    path: str
+    tokens: tuple
+    policy: PiiPolicy
+    keep_last: int
+    per_element: bool
+
+
+def compile_rule(a: ColumnAnnotation) -> MaskRule:
+    """``"accounts[].number"`` -> tokens ``("accounts", "number")``; ``"user.*.e-mail[]"`` ->
+    ``("user", None, "e", "mail")`` with ``per_element``. Raises ValueError for a path with no name."""
+    steps = a.path.split(".")
+    toks: list = []
+    per_element = False
+    for j, seg in enumerate(steps):
         n = 0
         while seg.endswith("[]"):
             seg, n = seg[:-2], n + 1
+        if j == len(steps) - 1:
+            per_element = n > 0
         if seg == "*":
-            steps.append(("star", ""))
+            toks.append(None)
         elif seg:
-            steps.append(("key", normalize_key(seg)))
+            toks.extend(normalize_key(seg).split("_"))
         elif not n:
-            raise ValueError(f"invalid column path {path!r}")
-        steps.extend([("items", "")] * n)
-    return steps
+            raise ValueError(f"invalid column path {a.path!r}")
+    if not toks:
+        raise ValueError(f"invalid column path {a.path!r}: no key")
+    return MaskRule(a.path, tuple(toks), a.pii, a.keep_last, per_element)
 
 
-class _Node:
-    __slots__ = ("keys", "star", "items", "policy", "keep_last", "fn")
+def _rank(rule: MaskRule) -> tuple:
+    """Strongest policy first; among redactions the one keeping fewest characters (order-independent)."""
+    return (_STRENGTH[rule.policy], -rule.keep_last if rule.policy is PiiPolicy.REDACT else 0)
 
-    def __init__(self) -> None:
-        self.keys: dict[str, _Node] = {}
-        self.star: Optional[_Node] = None
-        self.items: Optional[_Node] = None
-        self.policy: Optional[PiiPolicy] = None
-        self.keep_last = 4
-        self.fn: Any = None  # compiled policy: value -> masked value (or _DROPPED)
+
+class _State:
+    """A set of positions in the annotation patterns, reached by the name tokens of a key path."""
+
+    __slots__ = ("pos", "any", "whole", "next")
+
+    def __init__(self, pos: frozenset, any_fn: Any, whole_fn: Any) -> None:
+        self.pos = pos
+        self.any = any_fn  # policy for a value that is not a list (None: no annotation ends here)
+        self.whole = whole_fn  # policy for a list as a whole (None: look inside it)
+        self.next: dict = {}  # raw key -> _State or None
+
+
+_MISS = object()
 
 
 class Masker:
-    """Applies a partner's column annotations. Build once (``DoFn.setup``); thread-compatible."""
+    """Applies a partner's column annotations. Build once (``DoFn.setup``); thread-compatible.
+
+    Matching (the specification; docs/flatten.md "Masking"): an annotation is a
+    sequence of *name tokens* (each key normalised as a column-name segment, then
+    split on ``_``). A value matches when the name tokens of the object keys on
+    its way from the root spell the annotation, whatever containers are crossed:
+    lists are transparent at every level (so ``[]`` in a path is optional, and an
+    object where the contract says list, a list where it says object, and lists
+    of lists all match), and key boundaries do not matter (``{"user.ssn": x}``,
+    ``{"user_ssn": x}`` and ``{"user": {"ssn": x}}`` all flatten to the same
+    or an equivalent column, and all match ``user.ssn``). ``*`` matches one or
+    more tokens. A matched value is masked whole, except a list under an
+    annotation ending in ``[]``, which is masked element by element.
+    """
 
     def __init__(self, annotations: Sequence[ColumnAnnotation], key: bytes) -> None:
         if not isinstance(key, (bytes, bytearray)) or len(key) < _MIN_KEY:
             raise MaskKeyError(f"masking key must be at least {_MIN_KEY} bytes")
         self._annotations = tuple(annotations)
-        self.has_rules = bool(self._annotations)
+        self._rules = tuple(compile_rule(a) for a in self._annotations)
+        self.has_rules = bool(self._rules)
         k = bytes(key)
         self._hash = _Hmac(hmac.digest(k, b"headwater/hash/v1", "sha256"))
         self._tok = _Hmac(hmac.digest(k, b"headwater/tokenize/v1", "sha256"))
         self._aead = AESGCM(hmac.digest(k, b"headwater/dead-letter-aes256/v1", "sha256"))
-        self._root = _Node()
-        for a in self._annotations:
-            node = self._root
-            for kind, name in _parse_path(a.path):
-                if kind == "key":
-                    node = node.keys.setdefault(name, _Node())
-                elif kind == "star":
-                    node.star = node.star or _Node()
-                    node = node.star
-                else:
-                    node.items = node.items or _Node()
-                    node = node.items
-            if node.policy is None or _STRENGTH[a.pii] > _STRENGTH[node.policy]:
-                node.policy, node.keep_last = a.pii, a.keep_last
-        self._compile_fns(self._root)
-        # (nodes, object keys) -> [(key, policy fn or None, nodes)] for keys that match any node
+        self._ref = _Hmac(hmac.digest(k, b"headwater/payload-ref/v1", "sha256"))
+        # patterns with ``*`` expanded to (one token, any number more)
+        self._pats = [tuple(t for x in r.tokens for t in ((_ANY, _ANYSTAR) if x is None else (x,))) for r in self._rules]
+        self._fns: dict = {}
+        self._states: dict = {}
+        self._start = self._state(self._closure({(i, 0) for i in range(len(self._rules))})) if self._rules else None
+        # (state, object keys) -> [(key, next state)] for the keys that keep some pattern alive
         self._match_cache: dict[tuple, list] = {}
-        self._el_nodes: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:  # never show key material
         return f"Masker(paths={self.masked_paths()!r})"
@@ -166,6 +209,66 @@ class Masker:
     def masked_paths(self) -> tuple[str, ...]:
         """The annotated paths, for logs and docs (no key material)."""
         return tuple(a.path for a in self._annotations)
+
+    def rules(self) -> tuple[MaskRule, ...]:
+        """The compiled annotations (what the compiled accelerator matches with)."""
+        return self._rules
+
+    def column_rule(self, column: str) -> Optional[MaskRule]:
+        """The strongest annotation a flattened column name matches (``accounts__number``; child-table columns
+        as ``<array path>__<column>``), by the same token rule as values; None when none does."""
+        if not self.has_rules:
+            return None
+        st = self._step(self._start, column)
+        done = [self._rules[r] for r, i in st.pos if i == len(self._pats[r])] if st is not None else []
+        return max(done, key=_rank) if done else None
+
+    # ------------------------------------------------------------ matching
+    def _closure(self, pos: set) -> frozenset:
+        stack = list(pos)
+        while stack:
+            r, i = stack.pop()
+            p = self._pats[r]
+            if i < len(p) and p[i] is _ANYSTAR and (r, i + 1) not in pos:
+                pos.add((r, i + 1))
+                stack.append((r, i + 1))
+        return frozenset(pos)
+
+    def _state(self, pos: frozenset) -> _State:
+        st = self._states.get(pos)
+        if st is None:
+            done = [self._rules[r] for r, i in pos if i == len(self._pats[r])]
+            whole = [r for r in done if not r.per_element]
+            st = self._states[pos] = _State(pos, self._fn(max(done, key=_rank)) if done else None,
+                                            self._fn(max(whole, key=_rank)) if whole else None)
+        return st
+
+    def _step(self, st: _State, key: Any) -> Optional[_State]:
+        """The state after the key ``key`` (None: no annotation can match below it)."""
+        nxt = st.next.get(key, _MISS)
+        if nxt is _MISS:
+            nxt = None
+            if type(key) is str:
+                pos: Any = st.pos
+                for tok in normalize_key(key).split("_"):
+                    new = set()
+                    for r, i in pos:
+                        p = self._pats[r]
+                        if i < len(p):
+                            t = p[i]
+                            if t == tok or t is _ANY:
+                                new.add((r, i + 1))
+                            elif t is _ANYSTAR:
+                                new.add((r, i))
+                    pos = self._closure(new)
+                    if not pos:
+                        break
+                if pos:
+                    nxt = self._state(pos)
+            if len(st.next) >= 10_000:
+                st.next.clear()
+            st.next[key] = nxt
+        return nxt
 
     # ------------------------------------------------------------ documents
     def mask_doc(self, doc: dict) -> dict:
@@ -176,49 +279,28 @@ class Masker:
         """
         if not self.has_rules:
             return dict(doc)
-        out = self._mask_dict(doc, (self._root,), 0)
+        out = self._mask_dict(doc, self._start, 0)
         return dict(doc) if out is doc else out
 
-    def _matches(self, d: dict, nodes: tuple) -> list:
-        ck = (nodes, tuple(d))
+    def _matches(self, d: dict, st: _State) -> list:
+        ck = (st, tuple(d))
         m = self._match_cache.get(ck)
         if m is None:
             m = []
             for k in ck[1]:
-                hit = []
-                nk = normalize_key(k) if type(k) is str else None
-                for n in nodes:
-                    c = n.keys.get(nk) if nk is not None else None
-                    if c is not None:
-                        hit.append(c)
-                    if n.star is not None:
-                        hit.append(n.star)
-                if hit:
-                    pol = None
-                    for n in hit:
-                        if n.policy is not None and (pol is None or _STRENGTH[n.policy] > _STRENGTH[pol.policy]):
-                            pol = n
-                    m.append((k, pol.fn if pol is not None else None, tuple(hit)))
+                nxt = self._step(st, k)
+                if nxt is not None:
+                    m.append((k, nxt))
             if len(self._match_cache) > 50_000:
                 self._match_cache.clear()
             self._match_cache[ck] = m
         return m
 
-    def _mask_dict(self, d: dict, nodes: tuple, depth: int) -> dict:
+    def _mask_dict(self, d: dict, st: _State, depth: int) -> dict:
         out = None
-        m = self._match_cache.get((nodes, tuple(d)))
-        if m is None:
-            m = self._matches(d, nodes)
-        for k, fn, hit in m:
+        for k, nxt in self._matches(d, st):
             v = d[k]
-            if fn is not None:
-                nv = fn(v)
-            else:
-                t = type(v)
-                if t is dict or t is list:
-                    nv = self._apply(v, hit, depth)
-                else:
-                    continue
+            nv = self._apply(v, nxt, depth)
             if nv is not v:
                 if out is None:
                     out = dict(d)
@@ -228,47 +310,40 @@ class Masker:
                     out[k] = nv
         return d if out is None else out
 
-    def _apply(self, v: Any, hit: tuple, depth: int) -> Any:
-        pol = None
-        for n in hit:
-            if n.policy is not None and (pol is None or _STRENGTH[n.policy] > _STRENGTH[pol.policy]):
-                pol = n
-        if pol is not None:
-            return pol.fn(v)
+    def _apply(self, v: Any, st: _State, depth: int) -> Any:
         t = type(v)
-        if t is dict or t is list:
+        if t is list:
+            if st.whole is not None:
+                return st.whole(v)
             if depth >= _MAX_MASK_DEPTH:
                 return _DROPPED  # too deep to inspect safely: never pass it through unmasked
-            if t is dict:
-                return self._mask_dict(v, hit, depth + 1)
-            return self._mask_list(v, hit, depth + 1)
+            return self._mask_list(v, st, depth + 1)
+        if st.any is not None:
+            return st.any(v)
+        if t is dict:
+            if depth >= _MAX_MASK_DEPTH:
+                return _DROPPED
+            return self._mask_dict(v, st, depth + 1)
         return v
 
-    def _mask_list(self, lst: list, nodes: tuple, depth: int) -> list:
-        el_nodes = self._el_nodes.get(nodes)
-        if el_nodes is None:
-            el_nodes = self._el_nodes[nodes] = tuple(n.items for n in nodes if n.items is not None) + tuple(
-                n for n in nodes if n.keys or n.star is not None)  # a key step meeting a list: every element
-        if not el_nodes:
-            return lst
+    def _mask_list(self, lst: list, st: _State, depth: int) -> list:
+        """Lists are transparent: every element is matched in the list's own state."""
         out = None
         for i, v in enumerate(lst):
-            nv = self._apply(v, el_nodes, depth)
-            if nv is not v:
-                if out is None:
-                    out = lst[:i]
+            nv = self._apply(v, st, depth)
+            if nv is not v and out is None:
+                out = lst[:i]
             if out is not None and nv is not _DROPPED:
                 out.append(nv)
         return lst if out is None else out
 
     # ------------------------------------------------------------- policies
-    def _compile_fns(self, node: "_Node") -> None:
-        if node.policy is not None:
-            node.fn = self._policy_fn(node.policy, node.keep_last)
-        children = [*node.keys.values(), node.star, node.items]
-        for c in children:
-            if c is not None:
-                self._compile_fns(c)
+    def _fn(self, rule: MaskRule) -> Any:
+        key = (rule.policy, rule.keep_last if rule.policy is PiiPolicy.REDACT else 0)
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = self._policy_fn(*key)
+        return fn
 
     def _policy_fn(self, policy: PiiPolicy, keep_last: int) -> Any:
         """A specialised ``value -> masked value`` function (same results as :meth:`_policy`)."""
@@ -279,7 +354,7 @@ class Masker:
             return lambda v: None if v is None else h(_value_bytes(v)).hex()
         if policy is PiiPolicy.TOKENIZE:
             tk = self._tok
-            return lambda v: None if v is None else "tok_" + tk(_canonical_bytes(v)).hex()[:32]
+            return lambda v: None if v is None else "tok_" + tk(canonical_bytes(v)).hex()[:32]
         return lambda v: None if v is None else _redact(v, keep_last)
 
     def _policy(self, v: Any, policy: PiiPolicy, keep_last: int) -> Any:
@@ -290,7 +365,7 @@ class Masker:
         if policy is PiiPolicy.HASH:
             return self._hash(_value_bytes(v)).hex()
         if policy is PiiPolicy.TOKENIZE:
-            return "tok_" + self._tok(_canonical_bytes(v)).hex()[:32]
+            return "tok_" + self._tok(canonical_bytes(v)).hex()[:32]
         return _redact(v, keep_last)
 
     def hash_value(self, v: Any) -> str:
@@ -300,6 +375,12 @@ class Masker:
     def tokenize_value(self, v: Any) -> str:
         """The ``tokenize`` policy applied to one value."""
         return self._policy(v, PiiPolicy.TOKENIZE, 0)
+
+    def payload_ref(self, payload: bytes) -> str:
+        """``hmac-sha256:<hex>`` of the raw payload bytes, keyed with a sub-key of the masking key: correlates
+        a dead letter with its source message, but cannot be brute-forced (an unkeyed hash of a payload that is
+        only an SSN or a card number can)."""
+        return "hmac-sha256:" + self._ref(bytes(payload)).hex()
 
     # ------------------------------------------------------ dead letters
     def protect_unparsed(self, payload: bytes) -> bytes:
@@ -328,14 +409,14 @@ class Masker:
         if not self.has_rules:
             return payload
         try:
-            doc = orjson.loads(payload)
+            doc = jsonio.loads(payload)
         except orjson.JSONDecodeError:
             return self.protect_unparsed(payload)
         if type(doc) is not dict:
             return self.protect_unparsed(payload)
         try:
-            return orjson.dumps(self.mask_doc(doc))
-        except orjson.JSONEncodeError:
+            return jsonio.dumps(self.mask_doc(doc))
+        except (orjson.JSONEncodeError, ValueError, RecursionError):
             return self.protect_unparsed(payload)
 
 
@@ -376,7 +457,8 @@ def _value_bytes(v: Any) -> bytes:
     return orjson.dumps(v) if (t is not int or -(2**63) <= v < 2**64) else str(v).encode()
 
 
-def _canonical_bytes(v: Any) -> bytes:
+def canonical_bytes(v: Any) -> bytes:
+    """The text ``tokenize`` HMACs: strings stripped and case-folded, ``123``/``123.0``/``"123"`` equal."""
     t = type(v)
     if t is str:
         return b"s:" + v.strip().casefold().encode("utf-8", "surrogatepass")

@@ -125,6 +125,7 @@ class Reason:
     LATE = "late"
     SINK_REJECTED = "sink_rejected"
     BAD_FILE = "bad_file"
+    EMPTY_LINE = "empty_line"  #: a blank (or whitespace-only) line in a JSONL file: accounted for, not an event
 
 
 class DeadLetter(NamedTuple):
@@ -132,7 +133,9 @@ class DeadLetter(NamedTuple):
 
     ``payload`` is already masked per the partner's contract (or encrypted when
     it could not be parsed and the partner has annotations): never raw PII.
-    ``payload_ref`` is ``sha256:<hex>`` of the raw payload, for correlation.
+    ``payload_ref`` is ``hmac-sha256:<hex>`` of the raw payload, keyed with the masking key
+    (``Masker.payload_ref``), for correlation: not reversible by brute force. ``message`` names the
+    field and the problem, never a payload value of a partner with annotations.
     """
 
     partner: str

@@ -29,6 +29,7 @@ __all__ = [
     "EnvelopeSpec",
     "PartnerContract",
     "MaskingSpec",
+    "DedupSpec",
     "Contract",
     "load_contract",
     "parse_contract",
@@ -135,12 +136,37 @@ class MaskingSpec(_Frozen):
     key_env: str = Field("HEADWATER_MASK_KEY", description="Environment variable holding the HMAC key.")
     key_file: Optional[str] = Field(None, description="File holding the key (used when the variable is unset).")
     allow_dev_key: bool = Field(False, description="Use a fixed development key when neither is set (demo/tests only).")
+    key_secret: Optional[str] = Field(
+        None, pattern=r"^projects/[^/\s]+/secrets/[A-Za-z0-9_-]{1,255}/versions/([0-9]+|latest)$",
+        description="Secret Manager secret version holding the key, read by each worker in DoFn.setup "
+                    "(Dataflow): projects/P/secrets/S/versions/V. Used first when set.")
+
+
+class DedupSpec(_Frozen):
+    """How long an event id is remembered by DropDuplicateEvents (after its arrival)."""
+
+    window: str = Field("1d", description="Duration (e.g. 1d, 12h): duplicates arriving later than this pass.")
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        from state.spec import parse_duration_s
+
+        if parse_duration_s(v) < 1:
+            raise ValueError("dedup window must be at least 1s")
+        return v
+
+    def window_s(self) -> float:
+        from state.spec import parse_duration_s
+
+        return parse_duration_s(self.window)
 
 
 class Contract(_Frozen):
     version: Literal[1] = 1
     warehouse: WarehouseSpec = WarehouseSpec()
     masking: MaskingSpec = MaskingSpec()
+    dedup: DedupSpec = DedupSpec()
     partners: tuple[PartnerContract, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,6 +1,9 @@
 """DropDuplicateEvents: effectively-once on top of at-least-once sources, keyed by (partner, event id)."""
 from __future__ import annotations
 
+import time
+from typing import Callable, Optional
+
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
@@ -11,48 +14,83 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import Event
 from ingest import progress
+from sinks import ledger
 
-__all__ = ["DropDuplicateEvents"]
+__all__ = ["DropDuplicateEvents", "arrival_expiry"]
+
+
+def arrival_expiry(element_ts: Timestamp, now_s: float, window_s: float) -> Timestamp:
+    """When a 'seen' flag may go: ``window_s`` after the event *arrived*, in watermark time.
+
+    Arrival is the later of the element's timestamp and the processing time: sources stamp
+    elements with their own time (Kafka record time, Pub/Sub publish time) or, with a Pub/Sub
+    ``timestamp_attribute``, the event time, which for an old or replayed event is far behind
+    the watermark. Keyed on it, the flag would expire at once and the redelivery would pass.
+    The watermark never runs ahead of the wall clock for live sources, so the flag lives at
+    least ``window_s`` of real time after arrival. Pure.
+    """
+    arrival = max(Timestamp.of(element_ts), Timestamp.of(now_s))
+    return arrival + Duration.of(window_s)
 
 
 class _DedupFn(beam.DoFn):
-    """Keeps a 'seen' flag per (partner, event id) until ``window_s`` past the element's timestamp.
-
-    Runs before events are re-stamped with their event time, so the timestamp is the source's
-    (Kafka record time, Pub/Sub publish time): the flag lives ``window_s`` of watermark time after
-    arrival. Keyed on event time instead, replayed history (event times far behind the watermark)
-    would expire at once and duplicates would pass.
+    """Keeps a 'seen' flag per (partner, event id) until ``window_s`` after the event arrived.
 
     Redeliveries (Pub/Sub at-least-once, Kafka replays after a restart, duplicate
-    lines in backfill files) carry the same event id and event time, so they hit
-    the flag and are counted, not emitted. The cleanup timer bounds state.
+    lines in backfill files) carry the same event id, so they hit the flag and are
+    counted, not emitted. The cleanup timer bounds state (see :func:`arrival_expiry`).
+
+    ``seed`` (``ingest.recovery.SeenIds``, a local restart): ids the warehouse already holds
+    count as seen on their first touch, so messages replayed after the last committed offset /
+    ack are dropped instead of being counted twice in the aggregates rebuilt from the warehouse.
+
+    A dropped duplicate is terminal for its source delivery: the local commit ledger
+    (``sinks.ledger``) is told, so its offset can be committed / its message acked.
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, window_s: float):
+    def __init__(self, window_s: float, seed=None, clock: Callable[[], float] = time.time):
         self._window_s = window_s
+        self._seed = seed
+        self._clock = clock
         self._dups = Metrics.counter("headwater", "duplicate_events")
+
+    def setup(self):
+        if self._seed is not None:
+            self._seed.load()
 
     def process(self, kv, ts=beam.DoFn.TimestampParam, seen=beam.DoFn.StateParam(SEEN),
                 expiry=beam.DoFn.TimerParam(EXPIRY)):
-        _, event = kv
+        key, event = kv
         if seen.read():
-            self._dups.inc()
-            progress.count_duplicate()
+            self._drop(event)
             return
         seen.write(True)
-        expiry.set(Timestamp.of(ts) + Duration.of(self._window_s))
+        expiry.set(arrival_expiry(ts, self._clock(), self._window_s))
+        if self._seed is not None and self._seed.take(key):
+            self._drop(event)
+            return
         yield event
+
+    def _drop(self, event: Event) -> None:
+        self._dups.inc()
+        progress.count_duplicate()
+        if ledger.active():
+            ledger.resolve(event.coords)
 
     @on_timer(EXPIRY)
     def _expire(self, seen=beam.DoFn.StateParam(SEEN)):
         seen.clear()
 
 
+def dedup_key(partner: str, event_id: str) -> str:
+    return f"{partner}\x1f{event_id}"
+
+
 def _key(event: Event) -> tuple[str, Event]:
-    return f"{event.partner}\x1f{event.event_id}", event
+    return dedup_key(event.partner, event.event_id), event
 
 
 def _stamp_event_time(event: Event) -> TimestampedValue:
@@ -64,17 +102,21 @@ class DropDuplicateEvents(beam.PTransform):
 
     Input elements carry their source timestamps; outputs are stamped with the event time
     (``Event.event_time_us``), which every later step works in. ``window_s`` bounds how long an
-    id is remembered after it arrived, in watermark time (default 1 day).
+    id is remembered after it arrived (default 1 day; :func:`arrival_expiry`). ``seed``: ids
+    already in the warehouse (``ingest.recovery``). ``clock``: processing time in seconds (tests).
     """
 
-    def __init__(self, window_s: float = 86_400.0, label: str = "DropDuplicateEvents"):
+    def __init__(self, window_s: float = 86_400.0, label: str = "DropDuplicateEvents", seed=None,
+                 clock: Optional[Callable[[], float]] = None):
         super().__init__(label)
         self._window_s = window_s
+        self._seed = seed
+        self._clock = clock or time.time
 
     def expand(self, events):
         return (
             events
             | "KeyByEventId" >> beam.Map(_key).with_output_types(tuple[str, Event])
-            | "Dedup" >> beam.ParDo(_DedupFn(self._window_s)).with_output_types(Event)
+            | "Dedup" >> beam.ParDo(_DedupFn(self._window_s, self._seed, self._clock)).with_output_types(Event)
             | "StampEventTime" >> beam.Map(_stamp_event_time).with_output_types(Event)
         )

@@ -8,13 +8,13 @@ ever see masked values. A payload that cannot be parsed is stored through
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
 import orjson
 
+from flatten import jsonio
 from flatten.mask import Masker
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 
@@ -27,8 +27,10 @@ _MAX_US = int(datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp() * 1_000_000)
 _MISSING = object()
 
 
-def payload_ref(payload: bytes) -> str:
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+def payload_ref(payload: bytes, masker: Masker) -> str:
+    """``hmac-sha256:<hex>``, keyed with the masking key (:meth:`flatten.mask.Masker.payload_ref`): never an
+    unkeyed digest, which a payload that is only an SSN or a card number would be brute-forced from."""
+    return masker.payload_ref(payload)
 
 
 def lookup_path(doc: Any, path: str) -> Any:
@@ -63,18 +65,23 @@ def nesting_depth(doc: Any, limit: int) -> int:
     return deepest
 
 
-def parse_event_time_us(value: Any, fmt: str = "auto") -> int:
-    """ISO-8601 / RFC 3339 string or epoch number -> microseconds since epoch (UTC). Raises ValueError."""
+def parse_event_time_us(value: Any, fmt: str = "auto", quote: bool = True) -> int:
+    """ISO-8601 / RFC 3339 string or epoch number -> microseconds since epoch (UTC). Raises ValueError.
+
+    ``quote=False`` (partners with annotations): the message names the problem but never quotes the value."""
+    def q(v: Any) -> str:
+        return f" {v[:64]!r}" if isinstance(v, str) and quote else f" {v!r}" if quote else ""
+
     if isinstance(value, bool) or value is None:
         raise ValueError(f"event time is {type(value).__name__}, not a timestamp")
     if isinstance(value, str) and fmt in ("auto", "iso8601"):
         s = value.strip()
         if fmt == "auto" and s.lstrip("-").replace(".", "", 1).isdigit():
-            return parse_event_time_us(float(s) if "." in s else int(s), "auto")
+            return parse_event_time_us(float(s) if "." in s else int(s), "auto", quote)
         try:
             dt = datetime.fromisoformat(s)
         except ValueError:
-            raise ValueError(f"event time {value[:64]!r} is not ISO-8601") from None
+            raise ValueError(f"event time{q(value)} is not ISO-8601") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         us = int(dt.timestamp()) * 1_000_000 + dt.microsecond
@@ -87,22 +94,22 @@ def parse_event_time_us(value: Any, fmt: str = "auto") -> int:
             fmt = "epoch_s" if mag < 1e10 else "epoch_ms" if mag < 1e13 else "epoch_us"
         scale = {"epoch_s": 1_000_000, "epoch_ms": 1_000, "epoch_us": 1}.get(fmt)
         if scale is None:
-            raise ValueError(f"event time {value!r} is a number but the format is {fmt}")
+            raise ValueError(f"event time{q(value)} is a number but the format is {fmt}")
         scaled = value * scale
         if isinstance(scaled, float) and not math.isfinite(scaled):  # 1e305 ms: overflows, not an instant
-            raise ValueError(f"event time {value!r} is out of range")
+            raise ValueError(f"event time{q(value)} is out of range")
         us = int(round(scaled))
     elif isinstance(value, str):
         s = value.strip()
         try:
             num = float(s) if "." in s else int(s)
         except ValueError:
-            raise ValueError(f"event time {value[:64]!r} is not a {fmt} number") from None
-        return parse_event_time_us(num, fmt)
+            raise ValueError(f"event time{q(value)} is not a {fmt} number") from None
+        return parse_event_time_us(num, fmt, quote)
     else:
         raise ValueError(f"event time is {type(value).__name__}, not a timestamp")
     if not _MIN_US <= us < _MAX_US:
-        raise ValueError(f"event time {value!r} is outside 1970..2200")
+        raise ValueError(f"event time{q(value)} is outside 1970..2200")
     return us
 
 
@@ -137,14 +144,14 @@ class EnvelopeParser:
               doc: Any = _MISSING, error_class: str = "EnvelopeError",
               event_time_us: Optional[int] = None, keep_payload: bool = True) -> DeadLetter:
         if doc is not _MISSING:
-            stored = orjson.dumps(doc)  # doc is already masked
+            stored = jsonio.dumps(doc)  # doc is already masked
         elif keep_payload:
             stored = self.masker.protect_unparsed(msg.payload)
         else:
             stored = b""
         return DeadLetter(
             partner=msg.partner, source=msg.source, coords=msg.coords, payload=stored,
-            payload_ref=payload_ref(msg.payload), error_class=error_class, reason=reason,
+            payload_ref=self.masker.payload_ref(msg.payload), error_class=error_class, reason=reason,
             message=message, step=self.step, event_time_us=event_time_us, processing_time_us=now_us,
         )
 
@@ -173,7 +180,7 @@ class EnvelopeParser:
             return self._dead(msg, Reason.BAD_UTF8, f"payload is not valid UTF-8 at byte {exc.start}: {exc.reason}",
                               now_us, error_class="UnicodeDecodeError")
         try:
-            doc = orjson.loads(payload)
+            doc = jsonio.loads(payload)  # integers beyond 64 bits stay exact
         except orjson.JSONDecodeError as exc:
             text = str(exc)
             if "recursion" in text.lower() or "depth limit" in text.lower():
@@ -202,10 +209,12 @@ class EnvelopeParser:
         if raw_time is _MISSING or raw_time is None:
             return self._dead(msg, Reason.BAD_EVENT_TIME, f"event time missing at {env.event_time!r}", now_us, doc=doc)
         try:
-            event_time_us = parse_event_time_us(raw_time, env.event_time_format)
+            event_time_us = parse_event_time_us(raw_time, env.event_time_format, quote=not self.masker.has_rules)
         except ValueError as exc:
-            return self._dead(msg, Reason.BAD_EVENT_TIME, f"event time at {env.event_time!r}: {exc}", now_us,
-                              doc=doc, error_class="ValueError")
+            # partners with annotations: the field and the problem, never the value (``quote=False``)
+            problem = str(exc).removeprefix("event time ").removeprefix("event time")
+            return self._dead(msg, Reason.BAD_EVENT_TIME, f"event time at {env.event_time!r} {problem}".replace("  ", " "),
+                              now_us, doc=doc, error_class="ValueError")
         user = self._locate(doc, attrs, self._user_attr, env.user_id)
         if user is _MISSING or user is None or user == "" or isinstance(user, (dict, list, bool)):
             what = "missing" if user is _MISSING or user is None or user == "" else f"a {type(user).__name__}"
@@ -216,4 +225,4 @@ class EnvelopeParser:
             return self._dead(msg, Reason.MISSING_EVENT_ID, f"event id at {env.event_id!r} is missing or not a scalar",
                               now_us, doc=doc, event_time_us=event_time_us)
         return Event(partner=msg.partner, event_id=str(event_id), user_id=str(user), event_time_us=event_time_us,
-                     coords=msg.coords, source=msg.source, doc=orjson.dumps(doc))
+                     coords=msg.coords, source=msg.source, doc=jsonio.dumps(doc))

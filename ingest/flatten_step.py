@@ -13,7 +13,8 @@ from flatten.core import FlattenError
 from flatten.fast import FastFlattener
 from flatten.records import AggregateInput, DeadLetter, Event, Reason, TableRow
 from ingest.contract import Contract
-from ingest.envelope import payload_ref
+from flatten.mask import Masker, load_mask_key
+from sinks import ledger
 
 __all__ = ["FlattenEvents", "AGGREGATE_TAG", "DEAD_LETTER_TAG"]
 
@@ -41,6 +42,8 @@ class _FlattenFn(beam.DoFn):
     def setup(self) -> None:
         # Compile once per worker: one flattener per partner, plus the aggregate plans.
         self._plans: dict[str, Any] = {}
+        m = self._contract.masking
+        self._refs = Masker([], load_mask_key(m.key_env, m.key_file, m.allow_dev_key))  # keyed payload refs
         for p in self._contract.partners:
             aggs = [(a.name, a.key, _metric_columns(a)) for a in p.aggregates]
             # native (native/) when built and supported, else the Python flattener; identical rows
@@ -57,11 +60,13 @@ class _FlattenFn(beam.DoFn):
             self._dead.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
                 partner=event.partner, source=event.source, coords=event.coords, payload=event.doc,
-                payload_ref=payload_ref(event.doc), error_class=type(exc).__name__,
+                payload_ref=self._refs.payload_ref(event.doc), error_class=type(exc).__name__,
                 reason=Reason.FLATTEN_ERROR,
                 message=(f"{exc.reason}: " if isinstance(exc, FlattenError) else "") + str(exc)[:1000], step=self._step,
                 event_time_us=event.event_time_us, processing_time_us=int(time.time() * 1_000_000)))
             return
+        if ledger.active():  # local runner: the source commits this message once these rows are durable
+            ledger.expect_rows(event.coords, [r[1] for r in rows])
         for sub, row_id, cols, types in rows:  # columns/types are orjson bytes already
             self._rows.inc()
             yield TableRow(
@@ -95,5 +100,6 @@ class FlattenEvents(beam.PTransform):
         self._contract = contract
 
     def expand(self, events):
-        return events | "Flatten" >> beam.ParDo(_FlattenFn(self._contract, self.label)).with_outputs(
+        return events | "Flatten" >> beam.ParDo(_FlattenFn(self._contract, self.label)).with_output_types(
+            TableRow, **{AGGREGATE_TAG: AggregateInput, DEAD_LETTER_TAG: DeadLetter}).with_outputs(
             AGGREGATE_TAG, DEAD_LETTER_TAG, main="rows")

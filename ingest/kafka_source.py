@@ -16,13 +16,15 @@ Shape (every step labelled, see ``_LABELS``)::
   separate restriction, so all partitions are read in parallel. The tracker
   refuses dynamic splits (only self-checkpoints): one reader per partition
   keeps offset commits ordered.
-* Offsets are committed to the consumer group only in the bundle finalizer,
-  i.e. after the runner has committed the bundle's output. On Dataflow that
-  commit is durable and the offsets are committed at once; Prism keeps
-  in-flight data in memory, so there the commit waits
-  ``ingest.runner.commit_delay_seconds`` more (see docs/streaming.md). A crash
-  replays from the last commit: at-least-once, made effectively-once
-  downstream by ``DropDuplicateEvents`` and the warehouse's idempotent row ids.
+* Offsets are committed to the consumer group only once the records are done
+  (``ingest.runner.commit_mode``). On Dataflow, in the bundle finalizer: it
+  follows Dataflow's durable commit of the bundle's output. On the local runner
+  (Prism keeps in-flight data in memory only), by a background loop that commits
+  per partition up to the lowest offset ``sinks.ledger`` still has pending, i.e.
+  whose rows / dead letters the warehouse has not committed yet. A crash replays
+  from the last commit: at-least-once, made exactly-once downstream by
+  ``DropDuplicateEvents`` (seeded with the warehouse's event ids at launch, see
+  ``ingest.recovery``) and the warehouse's idempotent row ids.
 * Element timestamps are the record timestamps (CreateTime or LogAppendTime).
   The watermark per partition is the largest record timestamp seen; a
   partition with nothing to read is idle and its watermark follows wall-clock
@@ -54,8 +56,10 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import RawMessage
-from ingest.unbounded import ManualWatermarks, advance_watermark, nothing, run_later
+from sinks import ledger
+from ingest.unbounded import BackgroundLoop, ManualWatermarks, advance_watermark, nothing
 from ingest.contract import KafkaSource
+from state.coders import register_record
 
 __all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
 
@@ -75,6 +79,8 @@ IDLE_RESUME_DELAY = Duration.of(0.5)
 #: How long ListPartitions waits for explicitly named topics to exist.
 TOPIC_WAIT_SECONDS = 60.0
 KEY_ATTRIBUTE = "kafka.key"
+#: How often the local commit loop commits what the warehouse has made durable.
+COMMIT_INTERVAL_S = 0.5
 
 
 class KafkaPartition(NamedTuple):
@@ -83,6 +89,9 @@ class KafkaPartition(NamedTuple):
     topic: str
     partition: int
     start_offset: int
+
+
+register_record(KafkaPartition)  # a RowCoder (deterministic schema id), not pickle, through the Reshuffle
 
 
 def _text(value: Optional[bytes]) -> Optional[str]:
@@ -256,10 +265,10 @@ class _ReadPartitionFn(beam.DoFn):
     ``tracker`` ("got multiple values for argument 'tracker'").
     """
 
-    def __init__(self, spec: KafkaSource, partner: str, commit_delay_s: float = 0.0):
+    def __init__(self, spec: KafkaSource, partner: str, mode: str = "finalize"):
         self._spec = spec
         self._partner = partner
-        self._commit_delay_s = commit_delay_s
+        self._mode = mode  # "finalize" (Dataflow) | "ledger" (local runner; see ingest.runner.commit_mode)
         self._records = Metrics.counter("headwater", "kafka_records_read")
         self._commits = Metrics.counter("headwater", "kafka_offset_commits")
 
@@ -272,6 +281,9 @@ class _ReadPartitionFn(beam.DoFn):
         self._commit_lock = threading.Lock()
         self._busy: dict[tuple[str, int], threading.Lock] = {}
         self._closing = False
+        self._loop: Optional[_LedgerCommitter] = None
+        if self._mode == "ledger":
+            self._loop = _LedgerCommitter.ensure(self._spec, self._partner)
 
     def teardown(self):
         # Cancellation tears the DoFn down while a read may still be polling on another
@@ -343,6 +355,8 @@ class _ReadPartitionFn(beam.DoFn):
                     self._positions.pop(key, None)
                     return
                 msg = to_raw_message(self._partner, record)
+                if self._loop is not None:  # pending until the warehouse has it (sinks.ledger)
+                    ledger.register_kafka(msg.coords, self._loop.group, part.topic, part.partition, record.offset)
                 ts = Timestamp(micros=msg.source_time_us) if msg.source_time_us else watermark.current_watermark()
                 if ts is None:
                     ts = Timestamp.now()
@@ -351,10 +365,14 @@ class _ReadPartitionFn(beam.DoFn):
                 last = record.offset
                 count += 1
             self._positions[key] = last + 1 if last is not None else position
+        if self._loop is not None:
+            self._loop.watch(part.topic, part.partition)
         if last is not None:
             self._records.inc(count)
-            commit = partial(self._commit, part.topic, part.partition, last + 1)
-            fin.register(partial(run_later, self._commit_delay_s, commit) if self._commit_delay_s else commit)
+            if self._loop is None:
+                fin.register(partial(self._commit, part.topic, part.partition, last + 1))
+            else:
+                fin.register(nothing)  # the ledger's commit loop commits once the warehouse has the records
             tracker.defer_remainder(Duration.of(0))
         else:
             # Prism asks to finalize every bundle of a stage that may need it; a bundle
@@ -362,6 +380,73 @@ class _ReadPartitionFn(beam.DoFn):
             fin.register(nothing)
             advance_watermark(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
             tracker.defer_remainder(IDLE_RESUME_DELAY)
+
+
+class _LedgerCommitter:
+    """The local commit loop of one partner's consumer group (one per process, shared by readers).
+
+    Every ``COMMIT_INTERVAL_S`` it commits, per watched partition, ``ledger.kafka_position``: the
+    lowest offset whose records the warehouse has not committed yet (or one past the last read).
+    A broker outage is retried with a bounded backoff and logged once (``BackgroundLoop``).
+    """
+
+    def __init__(self, spec: KafkaSource, partner: str):
+        self._spec = spec
+        self._partner = partner
+        self.group = spec.group_id or f"headwater-{partner}"
+        self._lock = threading.Lock()
+        self._watched: set[tuple[str, int]] = set()
+        self._committed: dict[tuple[str, int], int] = {}
+        self._consumer = None
+
+    @classmethod
+    def ensure(cls, spec: KafkaSource, partner: str) -> "_LedgerCommitter":
+        name = f"kafka-commit[{partner}/{spec.group_id}@{spec.bootstrap_servers}]"
+        with _COMMITTERS_LOCK:
+            me = _COMMITTERS.get(name)
+            if me is None:
+                me = _COMMITTERS[name] = cls(spec, partner)
+            me._loop = BackgroundLoop.ensure(name, me.step, me.pending, COMMIT_INTERVAL_S)
+            return me
+
+    def watch(self, topic: str, partition: int) -> None:
+        if (topic, partition) not in self._watched:
+            with self._lock:
+                self._watched.add((topic, partition))
+
+    def pending(self) -> str:
+        parts = []
+        for topic, p in sorted(self._watched):
+            parts.append(f"{topic}/{p}: {ledger.kafka_pending(self.group, topic, p)} records in flight, "
+                         f"committed {self._committed.get((topic, p), '-')}")
+        return "; ".join(parts) or "nothing"
+
+    def step(self) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        if not self._spec.group_id:
+            return  # no consumer group: nothing to commit to
+        with self._lock:
+            watched = sorted(self._watched)
+        todo = {}
+        for topic, p in watched:
+            pos = ledger.kafka_position(self.group, topic, p)
+            if pos is not None and pos > self._committed.get((topic, p), -1):
+                todo[(topic, p)] = pos
+        if not todo:
+            return
+        if self._consumer is None:
+            self._consumer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
+        self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(pos, "", -1) for (t, p), pos in todo.items()},
+                              timeout_ms=5000)
+        self._committed.update(todo)
+        _COMMITS.inc(len(todo))
+
+
+_COMMITTERS: dict[str, _LedgerCommitter] = {}
+_COMMITTERS_LOCK = threading.Lock()
+_COMMITS = Metrics.counter("headwater", "kafka_offset_commits")
 
 
 class ReadFromKafkaPy(beam.PTransform):
@@ -388,9 +473,9 @@ class ReadFromKafkaPy(beam.PTransform):
         self._partner = partner
 
     def expand(self, pbegin):
-        from ingest.runner import commit_delay_seconds
+        from ingest.runner import commit_mode
 
-        delay = commit_delay_seconds(pbegin.pipeline.options)
+        mode = commit_mode(pbegin.pipeline.options)
         impulse, list_partitions, distribute, assign, read = _LABELS
         return (
             pbegin
@@ -398,5 +483,5 @@ class ReadFromKafkaPy(beam.PTransform):
             | list_partitions >> beam.ParDo(_ListPartitionsFn(self._spec, self._partner)).with_output_types(KafkaPartition)
             | distribute >> beam.Reshuffle()
             | assign >> beam.ParDo(_AssignPartitionFn()).with_output_types(KafkaPartition)
-            | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner, delay)).with_output_types(RawMessage)
+            | read >> beam.ParDo(_ReadPartitionFn(self._spec, self._partner, mode)).with_output_types(RawMessage)
         )

@@ -14,7 +14,7 @@ from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 from ingest.contract import Contract
 from ingest import progress
-from ingest.envelope import EnvelopeParser, payload_ref
+from ingest.envelope import EnvelopeParser
 
 __all__ = ["ParseEnvelope", "DEAD_LETTER_TAG"]
 
@@ -35,6 +35,7 @@ class _ParseFn(beam.DoFn):
     def setup(self) -> None:
         m = self._contract.masking
         key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
+        self._refs = Masker([], key)  # keyed payload refs for messages of unknown partners
         # the compiled accelerator (flatten.fast) takes well-formed events when built; Python decides the rest
         self._parsers = {
             p.name: EnvelopeParser(p.envelope, Masker(p.columns, key), step=self._step,
@@ -51,7 +52,7 @@ class _ParseFn(beam.DoFn):
             # Unknown partner means no masking policy is known: keep only a reference, never the bytes.
             yield beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
                 partner=msg.partner, source=msg.source, coords=msg.coords, payload=b"",
-                payload_ref=payload_ref(msg.payload), error_class="ConfigError", reason=Reason.UNKNOWN_PARTNER,
+                payload_ref=self._refs.payload_ref(msg.payload), error_class="ConfigError", reason=Reason.UNKNOWN_PARTNER,
                 message=f"no partner {msg.partner!r} in the contract", step=self._step, event_time_us=None,
                 processing_time_us=now_us))
             return
@@ -84,5 +85,5 @@ class ParseEnvelope(beam.PTransform):
         self._contract = contract
 
     def expand(self, pcoll):
-        return pcoll | "Parse" >> beam.ParDo(_ParseFn(self._contract, self.label)).with_outputs(
-            DEAD_LETTER_TAG, main="events")
+        return pcoll | "Parse" >> beam.ParDo(_ParseFn(self._contract, self.label)).with_output_types(
+            Event, **{DEAD_LETTER_TAG: DeadLetter}).with_outputs(DEAD_LETTER_TAG, main="events")

@@ -34,13 +34,17 @@ _LOG = logging.getLogger(__name__)
 
 
 class HeadwaterOutputs(NamedTuple):
-    rows: PCollection  # TableRow
+    rows: PCollection  # TableRow; bounded jobs on DuckDB: list[TableRow] (one per batch)
     aggregates: PCollection  # AggregateRow
     dead_letters: PCollection  # DeadLetter
 
 
 def _never(_element) -> bool:
     return False
+
+
+def _identity(batch):
+    return batch
 
 
 class HeadwaterPipeline(beam.PTransform):
@@ -53,14 +57,17 @@ class HeadwaterPipeline(beam.PTransform):
     """
 
     def __init__(self, contract: Contract, source_overrides: Optional[Mapping[str, beam.PTransform]] = None,
-                 require_overrides: bool = False, label: str = "Headwater"):
+                 require_overrides: bool = False, label: str = "Headwater", recovery=None):
         super().__init__(label)
         self._contract = contract
         self._overrides = dict(source_overrides or {})
         self._require = require_overrides
+        self._recovery = recovery  # ingest.recovery.Recovery: state rebuilt from the warehouse (local restart)
 
     def expand(self, pbegin) -> HeadwaterOutputs:
         contract = self._contract
+        if not contract.streaming:
+            return self._expand_bounded(pbegin)
         messages: list[PCollection] = []
         dead: list[PCollection] = []
         labels = []
@@ -81,18 +88,35 @@ class HeadwaterPipeline(beam.PTransform):
 
         raw = messages | "AllMessages" >> beam.Flatten()
         parsed = raw | "ParseEnvelope" >> ParseEnvelope(contract)
-        events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents()
+        rec = self._recovery
+        events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
+            window_s=contract.dedup.window_s(), seed=rec.seen if rec else None)
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         dead += [parsed.dead_letter, flat.dead_letter]
         if specs:
-            aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(specs)
+            aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(
+                specs, seed=rec.states if rec else None)
             aggregates = aggs.aggregates
             dead.append(aggs.dead_letter)
         else:  # no partner declares aggregates: no stateful step at all
             aggregates = flat.aggregate_inputs | "NoAggregates" >> beam.Filter(_never)
         dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
         return HeadwaterOutputs(rows=flat.rows, aggregates=aggregates, dead_letters=dead_letters)
+
+    def _expand_bounded(self, pbegin) -> HeadwaterOutputs:
+        """Only file sources: the batched bounded job (``ingest.bounded``: batches through parse, mask, envelope
+        and flatten, dedup in shard groups, aggregates as a lifted combine with one final row per key and window).
+        Its ``rows`` are lists of TableRow (one per batch) for DuckDB, single TableRows for BigQuery."""
+        from ingest.bounded import BoundedHeadwater
+
+        duck = self._contract.warehouse.kind == "duckdb"
+        rows, aggregates, dead_letters = pbegin | "Bounded" >> BoundedHeadwater(
+            self._contract, self._overrides, self._require, keep_rows=not duck)
+        self._overrides = {}
+        if not duck:
+            rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)
+        return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
 
 
 class WriteWarehouse(beam.PTransform):
@@ -168,14 +192,29 @@ def _configure_local_state_cache(argv: Sequence[str]) -> None:
     worker_handlers.STATE_CACHE_SIZE_MB = mb
 
 
+def _recovery_for(contract: Contract, options: PipelineOptions):
+    """A local streaming job resumes from the warehouse (``ingest.recovery``); elsewhere None
+    (Dataflow keeps its state across updates and drains; batch jobs start from nothing)."""
+    if not contract.streaming:
+        return None
+    from ingest.runner import commit_mode
+
+    if commit_mode(options) != "ledger":
+        return None
+    from ingest.recovery import prepare_recovery
+
+    return prepare_recovery(contract)
+
+
 def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     """Build and run the job. Returns the PipelineResult (finished when ``wait``)."""
     from ingest.objectstore import configure_gcs_emulator
 
     _configure_local_state_cache(beam_argv)
     configure_gcs_emulator()  # only when STORAGE_EMULATOR_HOST is set: local gs:// without a credential hunt
-    p = beam.Pipeline(options=pipeline_options(contract, beam_argv))
-    build(p, contract)
+    options = pipeline_options(contract, beam_argv)
+    p = beam.Pipeline(options=options)
+    build(p, contract, recovery=_recovery_for(contract, options))
     result = p.run()
     if wait:
         result.wait_until_finish()
@@ -213,5 +252,20 @@ def run_until_stopped(contract: Contract, beam_argv: Sequence[str] = (), stop=No
             time.sleep(poll_s)
         return str(result.state)
     finally:
+        _end_local_job()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _end_local_job() -> None:
+    """After a local streaming job: commit what the warehouse made durable, stop the commit loops,
+    forget the ledger, and stop the runner process (nothing of the job is left running)."""
+    from ingest.runner import stop_local_runners
+    from ingest.unbounded import stop_loops
+    from sinks import ledger
+
+    try:
+        stop_loops(final=True)
+    finally:
+        ledger.reset()
+        stop_local_runners()

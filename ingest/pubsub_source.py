@@ -15,11 +15,13 @@ Two implementations, chosen by runner (``ingest.runner.uses_native_pubsub``):
 * ``PullRead`` everywhere else (Prism, the local streaming runner; Python's
   ReadFromPubSub is a runner-native read that Prism rejects with
   ``unsupported feature ... beam:transform:pubsub_read:v1``): a splittable DoFn
-  that pulls with google-cloud-pubsub (honours PUBSUB_EMULATOR_HOST) and acks
-  a batch only in the bundle finalizer, after the runner made the output
-  durable (plus ``ingest.runner.commit_delay_seconds`` on Prism, whose
-  in-flight data is in memory only; the lease is extended meanwhile).
-  Unacked messages (a crash) are redelivered after the subscription's ack deadline. Redeliveries and ``id_attribute`` duplicates are removed
+  that pulls with google-cloud-pubsub (honours PUBSUB_EMULATOR_HOST). Prism keeps
+  in-flight data in memory only, so a message is acked only once ``sinks.ledger``
+  reports it done (its rows or dead letter committed by the warehouse, or dropped as
+  a duplicate), by a background loop that also extends the lease of messages still
+  in flight. Unacked messages (a crash) are redelivered after the subscription's ack
+  deadline. Pull errors (emulator restarted, endpoint unreachable) read as an empty
+  pull, logged once per outage. Redeliveries and ``id_attribute`` duplicates are removed
   downstream by ``DropDuplicateEvents`` (keyed on the event id, which the
   envelope may read from ``attribute:<id_attribute>``) and by the warehouse's
   idempotent row ids.
@@ -33,6 +35,7 @@ event-time check decides whether that is a dead letter).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import datetime
 from functools import partial
@@ -46,7 +49,8 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from flatten.records import RawMessage
-from ingest.unbounded import ManualWatermarks, advance_watermark, nothing, run_later
+from sinks import ledger
+from ingest.unbounded import BackgroundLoop, ManualWatermarks, advance_watermark, nothing
 from ingest.contract import PubSubSource
 
 __all__ = ["ReadFromPartnerPubSub", "pubsub_raw_message", "attribute_timestamp_us"]
@@ -60,6 +64,14 @@ IDLE_RESUME_DELAY = Duration.of(0.5)
 #: With nothing to pull the watermark follows wall-clock time minus this.
 IDLE_WATERMARK_LAG = Duration.of(5)
 _END = 2**63 - 1
+#: The ack loop acks done messages this often, and extends the lease of those in flight every
+#: LEASE_EVERY_S to LEASE_SECONDS.
+ACK_INTERVAL_S = 0.5
+LEASE_EVERY_S = 5.0
+LEASE_SECONDS = 60
+#: An ack batch that keeps failing is given up after this many attempts (a restarted emulator forgot
+#: the ack ids): those messages are redelivered if the server still has them and dropped as duplicates.
+ACK_ATTEMPTS = 20
 
 
 def attribute_timestamp_us(value: Optional[str]) -> Optional[int]:
@@ -172,10 +184,10 @@ class _PullFn(beam.DoFn):
     the watermark follows wall-clock time minus ``IDLE_WATERMARK_LAG``.
     """
 
-    def __init__(self, spec: PubSubSource, partner: str, ack_delay_s: float = 0.0):
+    def __init__(self, spec: PubSubSource, partner: str, mode: str = "finalize"):
         self._spec = spec
         self._partner = partner
-        self._ack_delay_s = ack_delay_s
+        self._mode = mode  # "finalize" (Dataflow) | "ledger" (local runner; see ingest.runner.commit_mode)
         self._pulled = Metrics.counter("headwater", "pubsub_messages_pulled")
         self._acked = Metrics.counter("headwater", "pubsub_messages_acked")
 
@@ -183,6 +195,10 @@ class _PullFn(beam.DoFn):
         from google.cloud import pubsub_v1
 
         self._client = pubsub_v1.SubscriberClient()
+        self._outage_since: Optional[float] = None
+        self._acker: Optional[_LedgerAcker] = None
+        if self._mode == "ledger":
+            self._acker = _LedgerAcker.ensure(self._spec.subscription, self._partner)
 
     def teardown(self):
         client = getattr(self, "_client", None)
@@ -205,6 +221,20 @@ class _PullFn(beam.DoFn):
             return []  # nothing arrived within the timeout: the subscription is idle
         except exceptions.Cancelled:
             return []  # the client was closed by teardown (job cancelled); nothing was received
+        except (exceptions.ServiceUnavailable, exceptions.NotFound, exceptions.InternalServerError,
+                exceptions.Unknown, exceptions.Aborted) as exc:
+            # The endpoint is down or restarted (an emulator forgets its subscriptions): an outage,
+            # not a failure of the job. Logged once; the read keeps polling.
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                _LOG.warning("partner %s: pulling %s fails (%s: %s); retrying", self._partner, subscription,
+                             type(exc).__name__, str(exc)[:300])
+            time.sleep(min(1.0, PULL_TIMEOUT_SECONDS))
+            return []
+        if self._outage_since is not None:
+            _LOG.warning("partner %s: pulling %s works again after %.1fs", self._partner, subscription,
+                         time.monotonic() - self._outage_since)
+            self._outage_since = None
         return list(response.received_messages)
 
     @beam.DoFn.unbounded_per_element()
@@ -231,25 +261,90 @@ class _PullFn(beam.DoFn):
                 ts = Timestamp(micros=_element_time_us(msg, attrs, spec.timestamp_attribute))
                 oldest = ts if oldest is None or ts < oldest else oldest
                 ack_ids.append(r.ack_id)
+                if self._acker is not None:  # pending until the warehouse has it (sinks.ledger)
+                    ledger.register_pubsub(msg.coords, subscription, r.ack_id)
                 yield beam.window.TimestampedValue(msg, ts)
             self._pulled.inc(len(received))
             if oldest is not None:
                 advance_watermark(watermark, oldest)
         if ack_ids:
-            ack = partial(self._ack, subscription, ack_ids)
-            if self._ack_delay_s:
-                # keep the messages leased while the delayed ack waits (see commit_delay_seconds)
-                self._client.modify_ack_deadline(request={
-                    "subscription": subscription, "ack_ids": ack_ids,
-                    "ack_deadline_seconds": int(min(600, self._ack_delay_s + 30))})
-                fin.register(partial(run_later, self._ack_delay_s, ack))
+            if self._acker is None:
+                fin.register(partial(self._ack, subscription, ack_ids))
             else:
-                fin.register(ack)
+                fin.register(nothing)  # the ledger's ack loop acks once the warehouse has the messages
             tracker.defer_remainder(Duration.of(0))
         else:
             fin.register(nothing)  # Prism finalizes every bundle of this stage
             advance_watermark(watermark, Timestamp.now() - IDLE_WATERMARK_LAG)
             tracker.defer_remainder(IDLE_RESUME_DELAY)
+
+
+class _LedgerAcker:
+    """The local ack loop of one subscription (one per process, shared by the pulling DoFns).
+
+    Acks the messages ``sinks.ledger`` reports done and, every ``LEASE_EVERY_S``, extends the lease
+    of those still in flight. Failures are an outage (``BackgroundLoop``: bounded backoff, one log
+    line); an ack batch failing ``ACK_ATTEMPTS`` times is given up (logged with its size).
+    """
+
+    def __init__(self, subscription: str, partner: str):
+        self._subscription = subscription
+        self._partner = partner
+        self._client = None
+        self._attempts = 0
+        self._last_lease = 0.0
+        self._acked = Metrics.counter("headwater", "pubsub_messages_acked")
+
+    @classmethod
+    def ensure(cls, subscription: str, partner: str) -> "_LedgerAcker":
+        name = f"pubsub-ack[{partner}/{subscription}]"
+        with _ACKERS_LOCK:
+            me = _ACKERS.get(name)
+            if me is None:
+                me = _ACKERS[name] = cls(subscription, partner)
+            BackgroundLoop.ensure(name, me.step, me.pending, ACK_INTERVAL_S)
+            return me
+
+    def pending(self) -> str:
+        return (f"{len(ledger.pubsub_pending(self._subscription))} messages in flight, "
+                f"{self._attempts} failed ack attempts of the current batch")
+
+    def step(self) -> None:
+        from google.cloud import pubsub_v1
+
+        sub = self._subscription
+        if self._client is None:
+            self._client = pubsub_v1.SubscriberClient()
+        done = ledger.pubsub_take_done(sub)
+        while done:
+            batch = done[:1000]
+            try:
+                self._client.acknowledge(request={"subscription": sub, "ack_ids": batch}, timeout=10)
+            except Exception:
+                self._attempts += 1
+                if self._attempts >= ACK_ATTEMPTS:
+                    _LOG.warning("partner %s: giving up acking %d messages of %s after %d attempts; the server "
+                                 "redelivers them if it still has them and they are dropped as duplicates",
+                                 self._partner, len(done), sub, self._attempts)
+                    self._attempts = 0
+                else:
+                    ledger.pubsub_give_back(sub, done)
+                raise
+            self._acked.inc(len(batch))
+            done = done[1000:]
+        self._attempts = 0
+        now = time.monotonic()
+        if now - self._last_lease >= LEASE_EVERY_S:
+            self._last_lease = now
+            leased = ledger.pubsub_pending(sub)
+            for i in range(0, len(leased), 1000):
+                self._client.modify_ack_deadline(request={
+                    "subscription": sub, "ack_ids": leased[i:i + 1000], "ack_deadline_seconds": LEASE_SECONDS},
+                    timeout=10)
+
+
+_ACKERS: dict[str, _LedgerAcker] = {}
+_ACKERS_LOCK = threading.Lock()
 
 
 class _PullRead(beam.PTransform):
@@ -261,15 +356,15 @@ class _PullRead(beam.PTransform):
         self._partner = partner
 
     def expand(self, pbegin):
-        from ingest.runner import commit_delay_seconds
+        from ingest.runner import commit_mode
 
         subscription = self._spec.subscription
-        delay = commit_delay_seconds(pbegin.pipeline.options)
+        mode = commit_mode(pbegin.pipeline.options)
         return (
             pbegin
             | "Impulse" >> beam.Impulse()
             | "Subscription" >> beam.ParDo(_EmitSubscription(subscription)).with_output_types(str)
-            | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner, delay)).with_output_types(RawMessage)
+            | "PullMessages" >> beam.ParDo(_PullFn(self._spec, self._partner, mode)).with_output_types(RawMessage)
         )
 
 

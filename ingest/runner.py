@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["runner_options", "uses_native_pubsub", "commit_delay_seconds", "find_prism", "PrismNotFound",
-           "NATIVE_PUBSUB_RUNNERS", "LOCAL_COMMIT_DELAY_S"]
+__all__ = ["runner_options", "uses_native_pubsub", "commit_mode", "find_prism", "PrismNotFound",
+           "NATIVE_PUBSUB_RUNNERS", "PRISM_EXPERIMENTS", "supervised_prism", "stop_local_runners",
+           "LocalRunnerConfigError"]
 
 #: Runners on which Beam's own ReadFromPubSub works (Dataflow: native; DirectRunner: _DirectReadFromPubSub).
 NATIVE_PUBSUB_RUNNERS = frozenset({
@@ -35,9 +36,13 @@ NATIVE_PUBSUB_RUNNERS = frozenset({
 
 #: Runners whose bundle finalization follows a *durable* commit of the bundle's output.
 DURABLE_FINALIZATION_RUNNERS = frozenset({"DataflowRunner", "TestDataflowRunner"})
-#: Elsewhere (Prism keeps everything in memory) offset commits / acks wait this long after
-#: finalization, so a killed job replays what may not have reached the warehouse yet.
-LOCAL_COMMIT_DELAY_S = 15.0
+
+#: Experiments headwater passes to Prism. ``prism_disable_sdf_split``: Prism 2.77 loses state
+#: updates when it splits a bundle of a stateful stage (``splitBundle`` releases the residual's
+#: keys while the primary bundle still holds their state; docs/streaming.md has the evidence).
+#: Despite its name the experiment turns off every dynamic split Prism makes (the only split
+#: request in Prism is gated by it, for all stages), which is what keeps per-key state exact.
+PRISM_EXPERIMENTS = ("prism_disable_sdf_split",)
 
 _ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = _ROOT / "deploy" / "local" / "install_prism.sh"
@@ -45,6 +50,10 @@ INSTALL_SCRIPT = _ROOT / "deploy" / "local" / "install_prism.sh"
 
 class PrismNotFound(RuntimeError):
     """No Prism binary: terminal until one is installed (the message says how)."""
+
+
+class LocalRunnerConfigError(ValueError):
+    """Options the local runner cannot honour exactly-once with; the message names the option."""
 
 
 def _flag(argv: Sequence[str], name: str) -> Optional[str]:
@@ -74,13 +83,28 @@ def find_prism(env: Optional[dict[str, str]] = None) -> Optional[str]:
     return None
 
 
+def _experiments(argv: Sequence[str]) -> set[str]:
+    out: set[str] = set()
+    for i, a in enumerate(argv):
+        value = None
+        if a.startswith("--experiments=") or a.startswith("--experiment="):
+            value = a.split("=", 1)[1]
+        elif a in ("--experiments", "--experiment") and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value:
+            out.update(v.strip() for v in value.split(","))
+    return out
+
+
 def runner_options(contract_is_streaming: bool, user_argv: list[str], prism: Optional[str] = None) -> list[str]:
     """Beam argv for a job: the user's argv plus headwater's local defaults.
 
     Streaming contracts without ``--runner`` get ``--runner=PrismRunner``,
-    ``--prism_location`` (``prism`` or :func:`find_prism`), ``--environment_type=LOOPBACK``
-    (workers in this process, so PUBSUB_EMULATOR_HOST and credentials apply)
-    and ``--streaming``. A user's ``--runner`` (DataflowRunner, ...) and any
+    ``--prism_location`` (``prism`` or :func:`find_prism`, started through
+    :func:`supervised_prism` so it never outlives the job), ``--environment_type=LOOPBACK``
+    (workers in this process, so PUBSUB_EMULATOR_HOST and credentials apply),
+    ``--experiments=prism_disable_sdf_split`` (:data:`PRISM_EXPERIMENTS`) and
+    ``--streaming``. A user's ``--runner`` (DataflowRunner, ...) and any
     option already given are kept as is. Batch argv is returned unchanged.
     Raises PrismNotFound when Prism would be used but no binary is found.
     """
@@ -100,9 +124,11 @@ def runner_options(contract_is_streaming: bool, user_argv: list[str], prism: Opt
                     "the local streaming runner needs Prism (Beam's Go runner) and none was found; install it with "
                     f"'{INSTALL_SCRIPT.relative_to(_ROOT)}' (needs Go), or set HEADWATER_PRISM, "
                     "or pass --prism_location=PATH")
-            extra.append(f"--prism_location={location}")
+            extra.append(f"--prism_location={supervised_prism(location)}")
         if _flag(argv, "environment_type") is None:
             extra.append("--environment_type=LOOPBACK")
+        have = _experiments(argv)
+        extra += [f"--experiments={e}" for e in PRISM_EXPERIMENTS if e not in have]
     if "--streaming" not in argv and _flag(argv, "streaming") is None:
         extra.append("--streaming")
     return [*extra, *argv]
@@ -127,18 +153,106 @@ def _runner_name(options: Any) -> Optional[str]:
     return name.rsplit(".", 1)[-1]
 
 
-def commit_delay_seconds(options: Any, env: Optional[dict[str, str]] = None) -> float:
-    """How long a source waits after bundle finalization before committing offsets / acking.
+def commit_mode(options: Any) -> str:
+    """How a live source commits offsets / acks messages on this job's runner.
 
-    0 on Dataflow, where finalization follows the durable commit of the bundle's
-    output. Prism keeps in-flight elements in memory only: a finalized source
-    bundle may still be between stages when the job is killed, so committing at
-    once would lose those records. There the commit waits ``LOCAL_COMMIT_DELAY_S``
-    (override: HEADWATER_COMMIT_DELAY_S), which must exceed the source-to-warehouse
-    latency; replays are absorbed by event-id dedup and idempotent row ids.
+    * ``"finalize"`` on Dataflow: bundle finalization follows the durable commit of the bundle's
+      output, so the sources commit in the finalizer.
+    * ``"ledger"`` everywhere else (Prism keeps in-flight data in memory only): the sources commit
+      what ``sinks.ledger`` reports durable in the warehouse. That ledger lives in the launching
+      process, so the SDK workers must run there (``--environment_type=LOOPBACK``, headwater's
+      default on Prism); other environment types fail here, at launch, naming the option.
     """
-    env = dict(os.environ) if env is None else env
-    if _runner_name(options) in DURABLE_FINALIZATION_RUNNERS:
-        return 0.0
-    override = env.get("HEADWATER_COMMIT_DELAY_S")
-    return float(override) if override else LOCAL_COMMIT_DELAY_S
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    name = _runner_name(options)
+    if name in DURABLE_FINALIZATION_RUNNERS:
+        return "finalize"
+    env = options.view_as(PortableOptions).environment_type if options is not None else None
+    if name in ("PrismRunner", "prism", "PortableRunner", "FlinkRunner", "SparkRunner") and env not in (
+            None, "LOOPBACK"):
+        raise LocalRunnerConfigError(
+            f"--environment_type={env}: on a local runner headwater commits Kafka offsets and acks Pub/Sub "
+            "messages only after the warehouse has written them, which it tracks in the launching process; "
+            "use --environment_type=LOOPBACK (the default) or run on Dataflow")
+    return "ledger"
+
+
+# -- Prism's lifetime ------------------------------------------------------------------------------
+_SUPERVISOR = """#!{python} -S
+# headwater's Prism supervisor (generated by ingest/runner.py; safe to delete).
+# Beam starts this instead of Prism itself. It starts Prism with a parent-death signal (Prism dies
+# with this process, even on SIGKILL), forwards SIGINT/SIGTERM to it, and stops it as soon as the
+# job process that started this one is gone, however it ended (SIGKILL, os._exit, a crash).
+import ctypes, os, signal, subprocess, sys
+
+PRISM = {prism!r}
+parent = os.getppid()
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_me():
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+proc = subprocess.Popen([PRISM, *sys.argv[1:]], preexec_fn=_die_with_me)
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda s, _f: proc.send_signal(s))
+while True:
+    try:
+        proc.wait(timeout=0.2)
+        break
+    except subprocess.TimeoutExpired:
+        pass
+    if os.getppid() != parent:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        break
+sys.exit(proc.returncode if proc.returncode and proc.returncode > 0 else 0)
+"""
+
+
+def supervised_prism(binary: str) -> str:
+    """Path of an executable that runs ``binary`` (Prism) supervised (see ``_SUPERVISOR``).
+
+    Written once per (Python, binary) into ``$TMPDIR/headwater-<uid>/``. Beam's own stop
+    (SIGINT at interpreter exit) still works: the supervisor forwards it.
+    """
+    import hashlib
+    import sys
+    import tempfile
+
+    text = _SUPERVISOR.format(python=sys.executable, prism=os.path.abspath(binary))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"headwater-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"prism-supervised-{digest}"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def stop_local_runners() -> None:
+    """Stop every runner process Beam started in this process (Prism's job server): a job that has
+    ended leaves nothing running. Safe to call when none was started."""
+    from apache_beam.utils.subprocess_server import SubprocessServer
+
+    cache = SubprocessServer._cache  # Beam's registry of started servers (cmd, port) -> process
+    for key in list(getattr(cache, "_cache", {})):
+        try:
+            cache.force_remove(*key)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+    try:
+        from apache_beam.runners.portability.prism_runner import PrismRunner
+
+        PrismRunner.shared_handle = type(PrismRunner.shared_handle)()  # the next job starts a fresh server
+    except Exception:  # noqa: BLE001
+        pass

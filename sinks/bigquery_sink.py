@@ -38,15 +38,21 @@ import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
+from flatten import live
 from flatten.options import SchemaMode
-from flatten.records import DeadLetter, Reason
-from sinks import bq_rows
+from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
+from sinks import bq_rows, ledger
+from sinks.batches import BatchPerKey
 from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["WriteToBigQueryWarehouse"]
 
 _REJECTED = "rejected"
-_KEYED = beam.typehints.KV[str, beam.typehints.Any]  # str keys: a deterministic coder for the batching state
+# str keys: a deterministic coder for the batching state; typed values: Row coders (never pickle) for the
+# GroupIntoBatches ``values`` bag state and the shuffle.
+_KEYED_ROWS = beam.typehints.KV[str, TableRow]
+_KEYED_AGGREGATES = beam.typehints.KV[str, AggregateRow]
+_KEYED_DEAD_LETTERS = beam.typehints.KV[str, DeadLetter]
 
 
 def _method(warehouse: WarehouseSpec, bounded: bool) -> str:
@@ -69,8 +75,9 @@ class _WriteBatchFn(beam.DoFn):
         self._tables = dict(tables)
         self._modes = dict(modes)
         self._method = method
-        self._written = Metrics.counter("headwater", f"bigquery_{kind}_written")
-        self._rejected = Metrics.counter("headwater", "dead_letters_bigquery")
+        # mirrored into flatten.live for the status line of `headwater run` (same increments)
+        self._written = live.mirror(Metrics.counter("headwater", f"bigquery_{kind}_written"), f"{kind}_written")
+        self._rejected = live.mirror(Metrics.counter("headwater", "dead_letters_bigquery"), "dead_letters_written")
         self._retries = Metrics.counter("headwater", "bigquery_transient_retries")
         self._schema_updates = Metrics.counter("headwater", "bigquery_schema_updates")
 
@@ -140,6 +147,8 @@ class _WriteBatchFn(beam.DoFn):
                 prep.sources[rej.key], Reason.TOO_LARGE if rej.too_large else Reason.SINK_REJECTED,
                 rej.error_class, rej.message))
         self._written.inc(len(prep.records) - len(rejections))
+        if ledger.active():  # local runner: these rows' source messages may be committed (sinks.ledger)
+            ledger.rows_durable([r.row_id for r in batch])
 
     def _fixed(self, layout, pairs):
         schema = self._bq.provide(layout, layout.base)
@@ -168,6 +177,8 @@ class _WriteBatchFn(beam.DoFn):
                 raise RuntimeError(f"dead-letter table {layout.table} rejected {len(still)} records even without "
                                    f"payload, first: {still[0].message}")
         self._written.inc(len(records))
+        if ledger.active():
+            ledger.dead_letters_durable([d.coords for d in batch])
         return iter(())
 
 
@@ -235,7 +246,8 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         # when full or after max_buffering_s.
         if bounded:
             return beam.GroupByKey()
-        return beam.GroupIntoBatches(size, self._wh.bigquery.max_buffering_s)
+        # Not beam.GroupIntoBatches: its state coders are always pickled in Beam 2.77 (sinks/batches.py).
+        return BatchPerKey(size, self._wh.bigquery.max_buffering_s)
 
     def expand(self, pcolls):
         wh = self._wh
@@ -245,20 +257,22 @@ class WriteToBigQueryWarehouse(beam.PTransform):
         args = (wh, self._tables, self._modes, method)
         written = (
             rows
-            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r)).with_output_types(_KEYED)
+            | "KeyRowsByTable" >> beam.Map(lambda r: (_table_key(r), r)).with_output_types(_KEYED_ROWS)
             | "BatchRows" >> self._group(size, rows.is_bounded)
-            | "WriteRows" >> beam.ParDo(_WriteBatchFn("rows", *args)).with_outputs(_REJECTED, main="written"))
+            | "WriteRows" >> beam.ParDo(_WriteBatchFn("rows", *args)).with_output_types(
+                bytes, **{_REJECTED: DeadLetter}).with_outputs(_REJECTED, main="written"))
         agg_written = (
             aggs
-            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a)).with_output_types(_KEYED)
+            | "KeyAggregates" >> beam.Map(lambda a: (_agg_key(a), a)).with_output_types(_KEYED_AGGREGATES)
             | "BatchAggregates" >> self._group(size, aggs.is_bounded)
-            | "WriteAggregates" >> beam.ParDo(_WriteBatchFn("aggregates", *args)).with_outputs(_REJECTED, main="written"))
+            | "WriteAggregates" >> beam.ParDo(_WriteBatchFn("aggregates", *args)).with_output_types(
+                bytes, **{_REJECTED: DeadLetter}).with_outputs(_REJECTED, main="written"))
         sink_dead = ((written[_REJECTED], agg_written[_REJECTED])
                      | "SinkRejections" >> beam.Flatten())
         _ = (
             (dls, sink_dead)
             | "AllSinkDeadLetters" >> beam.Flatten()
-            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d)).with_output_types(_KEYED)
+            | "KeyDeadLetters" >> beam.Map(lambda d: (_dl_key(d), d)).with_output_types(_KEYED_DEAD_LETTERS)
             | "BatchDeadLetters" >> self._group(size, dls.is_bounded and sink_dead.is_bounded)
-            | "WriteDeadLetters" >> beam.ParDo(_WriteBatchFn("dead_letters", *args)))
+            | "WriteDeadLetters" >> beam.ParDo(_WriteBatchFn("dead_letters", *args)).with_output_types(bytes))
         return sink_dead

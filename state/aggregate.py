@@ -40,13 +40,16 @@ from state.spec import AggregateSpec, parse_duration_s
 
 __all__ = [
     "Plan", "plan_for", "AggState", "Event", "Rejection", "EmitRow",
-    "step", "emit", "on_close", "on_probe", "expire", "window_value",
-    "LIFETIME", "MIN_US",
+    "step", "emit", "on_close", "on_probe", "expire", "window_value", "migrate", "layout_of",
+    "LIFETIME", "MIN_US", "LAYOUT_VERSION",
 ]
 
 LIFETIME = "lifetime"
 MIN_US = -(2**62)
 _US = 1_000_000
+#: Version of the state layout record (``AggState.layout``). 1: positional lists without a layout (before
+#: versioned state); 2: ``[2, key, [[name, fn, column], ...], hll p, bucket_us, [window names], ttl_us]``.
+LAYOUT_VERSION = 2
 
 
 class Plan(NamedTuple):
@@ -64,6 +67,16 @@ class Plan(NamedTuple):
     probe_us: int
     threshold: int
     p: int
+    #: What the state's accumulators mean (see :func:`layout_of`); stored in every AggState so a changed
+    #: spec (metrics, windows, key, HLL precision) migrates old state instead of misreading it.
+    layout: list
+
+
+def layout_of(spec: AggregateSpec) -> list:
+    """The layout record of a spec, JSON-shaped (lists) so it compares equal to a decoded one."""
+    bucket = spec.bucket_s()
+    return [LAYOUT_VERSION, spec.key, [[m.name, m.fn, m.column] for m in spec.metrics], spec.hll_precision,
+            None if bucket is None else bucket * _US, list(spec.windows), int(parse_duration_s(spec.ttl) * _US)]
 
 
 @lru_cache(maxsize=None)
@@ -86,6 +99,7 @@ def plan_for(spec: AggregateSpec) -> Plan:
         probe_us=max(_US, lateness // 4),
         threshold=spec.distinct_exact_threshold,
         p=spec.hll_precision,
+        layout=layout_of(spec),
     )
 
 
@@ -112,7 +126,12 @@ class EmitRow(NamedTuple):
 
 @dataclass(slots=True)
 class AggState:
-    """Serialisable per-key state. ``to_bytes``/``from_bytes`` use orjson."""
+    """Serialisable per-key state. ``to_bytes``/``from_bytes`` use orjson.
+
+    ``lifetime`` and each bucket hold one accumulator per metric, in the order of ``layout``'s metric list.
+    ``layout`` (None: written before layouts existed, positional) is checked on every touch against the
+    plan's; a difference migrates the state first (:func:`migrate`).
+    """
 
     version: int = 0
     max_event_us: int = MIN_US  # latest accepted event time
@@ -129,6 +148,7 @@ class AggState:
     ttl_at: Optional[int] = None
     probe_at: Optional[int] = None
     emit_pending: bool = False  # a processing-time emission timer is set
+    layout: Optional[list] = None  # layout_of(spec) of the spec this state was written under
 
     def to_bytes(self) -> bytes:
         d = {f: getattr(self, f) for f in _FIELDS}  # shallow: dataclasses.asdict deep-copies (slow)
@@ -146,7 +166,19 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(AggState))
 
 
 def _new(plan: Plan) -> AggState:
-    return AggState(lifetime=[M.new_acc(f) for f in plan.fns])
+    return AggState(lifetime=[M.new_acc(f) for f in plan.fns], layout=plan.layout)
+
+
+def _fit(st: Optional[AggState], plan: Plan) -> AggState:
+    """The state to work on: new, or migrated to ``plan``'s layout on first touch."""
+    if st is None:
+        return _new(plan)
+    if st.layout is plan.layout:
+        return st
+    if st.layout == plan.layout:
+        st.layout = plan.layout
+        return st
+    return migrate(st, plan)
 
 
 def _floor(t: int, g: int) -> int:
@@ -162,7 +194,7 @@ def _ceil(t: int, g: int) -> int:
 
 def step(state: Optional[AggState], ev: Event, plan: Plan) -> tuple[AggState, list[Rejection]]:
     """Apply one event. Late events (before ``known_wm - allowed_lateness``) leave the state unchanged."""
-    st = state if state is not None else _new(plan)
+    st = _fit(state, plan)
     t = ev.event_time_us
     if t < st.known_wm_us - plan.lateness_us:
         return st, [Rejection("late", f"event time {t} us is before the key's watermark {st.known_wm_us} us "
@@ -237,6 +269,7 @@ def _rows(st: AggState, plan: Plan, which: tuple[tuple[str, Optional[int]], ...]
 
 def emit(st: AggState, plan: Plan) -> tuple[AggState, list[EmitRow]]:
     """Processing-time cadence: one row per window whose value changed since its last row."""
+    st = _fit(st, plan)
     st.emit_pending = False
     if not st.dirty:
         return st, []
@@ -275,6 +308,7 @@ def _next_close(st: AggState, plan: Plan) -> Optional[int]:
 def on_close(st: AggState, plan: Plan, t_us: int) -> tuple[AggState, list[EmitRow]]:
     """Event-time timer at a window boundary: the watermark passed ``t_us``; emit the sliding windows
     whose value or as-of time moved (the on-time pane of the window ending at ``t_us``)."""
+    st = _fit(st, plan)
     st.closed_us = max(st.closed_us, t_us)
     _advance(st, plan, t_us)
     rows = _rows(st, plan, tuple(w for w in plan.windows if w[1] is not None), only_changed=True, final=False)
@@ -284,6 +318,7 @@ def on_close(st: AggState, plan: Plan, t_us: int) -> tuple[AggState, list[EmitRo
 
 def on_probe(st: AggState, plan: Plan, t_us: int) -> AggState:
     """Watermark probe fired: learn ``known_wm >= t_us``; back off exponentially while the key is idle."""
+    st = _fit(st, plan)
     _advance(st, plan, t_us)
     st.probe_k = min(st.probe_k + 1, 40)
     nxt = t_us + plan.probe_us * (2 ** st.probe_k)
@@ -295,8 +330,9 @@ def expire(st: AggState, plan: Plan, t_us: int) -> tuple[Optional[AggState], lis
     """TTL timer: the key has been silent for ``ttl``; emit final rows and clear the state.
 
     Returns ``(None, rows)`` when the state must be cleared; ``(state, [])`` when the
-    deadline moved (a newer event arrived) and the timer is stale.
+    deadline moved (a newer event arrived, or a longer ``ttl`` moved it on migration) and the timer is stale.
     """
+    st = _fit(st, plan)
     if st.ttl_at is not None and t_us < st.ttl_at:
         return st, []
     # Runners may hand several due timers over in one batch (the DirectRunner does), so a
@@ -308,3 +344,73 @@ def expire(st: AggState, plan: Plan, t_us: int) -> tuple[Optional[AggState], lis
         rows += more
     _advance(st, plan, t_us)
     return None, rows + _rows(st, plan, plan.windows, only_changed=False, final=True)
+
+
+# ---------------------------------------------------------------- layout migration
+
+
+def _legacy_index(st: AggState, plan: Plan) -> dict[int, int]:
+    """Layout 1 (positional, no names): metric i keeps old accumulator i when its shape fits the metric's fn.
+    Right when metrics were only appended or removed from the end; an edit that reorders metrics of the
+    same kind cannot be detected from the bytes (docs/deploy.md: state layouts)."""
+    return {i: i for i, fn in enumerate(plan.fns)
+            if i < len(st.lifetime) and M.fits(fn, st.lifetime[i])
+            and all(i < len(accs) and M.fits(fn, accs[i]) for accs in st.buckets.values())}
+
+
+def migrate(st: AggState, plan: Plan) -> AggState:
+    """Bring state written under another layout to ``plan``'s (pure; called on first touch).
+
+    * metrics are matched by ``(name, fn, column)``: kept metrics keep their accumulators, new ones start
+      empty, removed ones are dropped; a distinct metric's HyperLogLog registers are reset when
+      ``hll_precision`` changed (exact sets are kept);
+    * a changed aggregate ``key`` resets every accumulator (the key space changed), keeping the version
+      so emitted versions still increase;
+    * windows: rows of removed windows stop, added ones are computed from the buckets still held
+      (a longer window covers its full length only after that much event time); when the bucket size
+      changes, old buckets are merged into the new ones containing their start (exact when the new size
+      is a multiple of the old, else an old bucket counts in the new bucket where it starts);
+    * the close and TTL deadlines are recomputed (a changed ``ttl`` applies to the key's next deadline;
+      the caller sets the timers that changed).
+    """
+    old = st.layout
+    legacy = old is None or not isinstance(old, list) or not old or old[0] != LAYOUT_VERSION
+    key_same = legacy or old[1] == plan.layout[1]
+    old_p = plan.p if legacy else old[3]
+    if legacy:
+        index = _legacy_index(st, plan)
+    else:
+        where = {tuple(m): j for j, m in enumerate(old[2])}
+        index = {i: where[t] for i, t in enumerate(map(tuple, plan.layout[2])) if t in where}
+    if not key_same:
+        index = {}
+
+    def remap(accs: list) -> list:
+        out = []
+        for i, fn in enumerate(plan.fns):
+            j = index.get(i)
+            acc = accs[j] if j is not None and j < len(accs) else None
+            if j is None or (fn == "distinct" and old_p != plan.p and isinstance(acc, list) and acc[:1] == ["h"]):
+                acc = M.new_acc(fn)
+            out.append(acc)
+        return out
+
+    st.lifetime = remap(st.lifetime)
+    g = plan.bucket_us
+    buckets: dict = {}
+    if g is not None and key_same:
+        for b in sorted(st.buckets):
+            accs = remap(st.buckets[b])
+            nb = _floor(int(b), g)
+            prev = buckets.get(nb)
+            buckets[nb] = accs if prev is None else [
+                M.merge(f, a, x, plan.threshold, plan.p) for f, a, x in zip(plan.fns, prev, accs)]
+    st.buckets = buckets
+    names = {w for w, _ in plan.windows}
+    st.sigs = {w: s for w, s in st.sigs.items() if w in names and key_same}
+    st.layout = plan.layout
+    _prune(st, plan)
+    st.close_at = _next_close(st, plan)
+    if st.max_event_us > MIN_US:
+        st.ttl_at = _ceil(st.max_event_us + plan.ttl_us, 1000)
+    return st

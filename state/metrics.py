@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import orjson
-from datasketch import HyperLogLog
 
-__all__ = ["new_acc", "add", "merge", "result", "numeric", "hll_relative_error", "TypeConflict"]
+if TYPE_CHECKING:
+    from datasketch import HyperLogLog
+
+__all__ = ["new_acc", "add", "merge", "result", "numeric", "fits", "hll_relative_error", "TypeConflict"]
 
 NUMERIC_FNS = frozenset({"sum", "min", "max", "avg"})
 
@@ -85,7 +87,11 @@ def _dkey(v: Any) -> str:
     return orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _hll_from(acc: list, p: int) -> HyperLogLog:
+def _hll_from(acc: list, p: int) -> "HyperLogLog":
+    # Imported here: datasketch's package import pulls in scipy (about 3 s per worker process start),
+    # and most keys never leave the exact set.
+    from datasketch.hyperloglog import HyperLogLog
+
     if acc[0] == "h":
         reg = np.frombuffer(base64.b64decode(acc[1]), dtype=np.int8).copy()
         return HyperLogLog(p=p, reg=reg)
@@ -95,7 +101,7 @@ def _hll_from(acc: list, p: int) -> HyperLogLog:
     return h
 
 
-def _hll_acc(h: HyperLogLog) -> list:
+def _hll_acc(h: "HyperLogLog") -> list:
     return ["h", base64.b64encode(h.reg.tobytes()).decode()]
 
 
@@ -183,3 +189,20 @@ def result(fn: str, acc: Any, p: int) -> Optional[Any]:
     if fn == "latest":
         return None if acc is None else acc[2]
     return acc  # min, max, first_seen, last_seen
+
+
+def fits(fn: str, acc: Any) -> bool:
+    """Whether ``acc`` has the shape of an accumulator of ``fn`` (used to migrate positional state)."""
+    if fn == "count":
+        return isinstance(acc, int) and not isinstance(acc, bool)
+    if fn in ("sum", "avg"):
+        return isinstance(acc, list) and len(acc) == 3 and isinstance(acc[0], int) and isinstance(acc[1], list)
+    if fn == "distinct":
+        return isinstance(acc, list) and len(acc) == 2 and acc[0] in ("x", "h")
+    if acc is None:
+        return True
+    if fn in ("first_seen", "last_seen"):
+        return isinstance(acc, int) and not isinstance(acc, bool)
+    if fn == "latest":
+        return isinstance(acc, list) and len(acc) == 3 and isinstance(acc[0], int) and isinstance(acc[1], str)
+    return not isinstance(acc, (list, dict))  # min, max: a scalar

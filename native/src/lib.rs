@@ -9,8 +9,12 @@
 //!   (`normalize_key` on a name-cache miss, `parse_timestamp` for strings that
 //!   look like dates but are not in the strict fast forms, `_canonical_bytes`
 //!   for tokenizing non-ASCII strings and floats, `repr` for redacting floats).
+//!
+//! Everything it is built from is public Python interface: `Masker.rules()`, `flatten.mask.canonical_bytes`,
+//! `flatten.names.normalize_key`, `flatten.infer.parse_timestamp`, `Flattener.column_override`.
 
 mod json;
+mod mask;
 mod stream;
 mod ts;
 
@@ -164,14 +168,6 @@ struct Ctx<'e> {
 
 // ------------------------------------------------------------------ masking
 
-struct Node {
-    keys: FxHashMap<String, usize>,
-    star: Option<usize>,
-    items: Option<usize>,
-    policy: u8, // 0 none, 1 tokenize, 2 hash, 3 redact, 4 drop (= strength)
-    keep_last: usize,
-}
-
 enum Masked<'a> {
     Keep,
     Drop,
@@ -190,7 +186,7 @@ struct NativeFlattener {
     normalize_key: PyObject,
     parse_timestamp: PyObject,
     canonical_bytes: PyObject,
-    nodes: Vec<Node>,
+    matcher: mask::Matcher,
     hash_mac: HmacSha256,
     tok_mac: HmacSha256,
     et_cache: (i64, String),
@@ -217,19 +213,18 @@ struct NativeFlattener {
 
 #[pymethods]
 impl NativeFlattener {
-    /// `mask_nodes`: the Masker's annotation tree, node 0 the root:
-    /// `[(keys {normalised name: node index}, star index or -1, items index or -1, policy or None, keep_last)]`.
+    /// `mask_rules`: `Masker.rules()` as `[(name tokens (None for '*'), policy, keep_last, per_element)]`.
     #[new]
     /// `timestamp_columns`/`no_timestamp_columns` as in FlattenOptions; for those columns scalar values are
     /// decided by `percol_scalar(value, name, table) -> (value, type) | None` (the Python Flattener's own rule).
-    #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_nodes, mask_key, normalize_key, parse_timestamp,
+    #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_rules, mask_key, normalize_key, parse_timestamp,
                         canonical_bytes, timestamp_columns=Vec::new(), no_timestamp_columns=Vec::new(), percol_scalar=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         max_depth: u32,
         scalar_child: bool,
         detect_timestamps: bool,
-        mask_nodes: Vec<(FxHashMap<String, usize>, i64, i64, Option<String>, usize)>,
+        mask_rules: Vec<(Vec<Option<String>>, String, usize, bool)>,
         mask_key: &[u8],
         normalize_key: PyObject,
         parse_timestamp: PyObject,
@@ -241,24 +236,19 @@ impl NativeFlattener {
         if (!timestamp_columns.is_empty() || !no_timestamp_columns.is_empty()) && percol_scalar.is_none() {
             return Err(PyValueError::new_err("per-column timestamp options need percol_scalar"));
         }
-        let mut nodes = Vec::with_capacity(mask_nodes.len());
-        for (keys, star, items, policy, keep_last) in mask_nodes {
-            let policy = match policy.as_deref() {
-                None => 0,
-                Some("tokenize") => 1,
-                Some("hash") => 2,
-                Some("redact") => 3,
-                Some("drop") => 4,
-                Some(p) => return Err(PyValueError::new_err(format!("unknown policy {p:?}"))),
+        let mut rules = Vec::with_capacity(mask_rules.len());
+        for (tokens, policy, keep_last, per_element) in mask_rules {
+            let policy = match policy.as_str() {
+                "tokenize" => 1,
+                "hash" => 2,
+                "redact" => 3,
+                "drop" => 4,
+                p => return Err(PyValueError::new_err(format!("unknown policy {p:?}"))),
             };
-            let ix = |i: i64| if i < 0 { None } else { Some(i as usize) };
-            nodes.push(Node { keys, star: ix(star), items: ix(items), policy, keep_last });
-        }
-        let n = nodes.len();
-        for nd in &nodes {
-            if nd.keys.values().chain(nd.star.iter()).chain(nd.items.iter()).any(|&i| i >= n) {
-                return Err(PyValueError::new_err("mask node index out of range"));
+            if tokens.is_empty() || tokens.iter().flatten().any(|t| t.is_empty() || t.contains('_')) {
+                return Err(PyValueError::new_err("mask rule tokens must be non-empty and contain no '_'"));
             }
+            rules.push((tokens, policy, keep_last, per_element));
         }
         let derive = |label: &[u8]| -> PyResult<HmacSha256> {
             let mut m = HmacSha256::new_from_slice(mask_key).map_err(|_| PyValueError::new_err("bad key"))?;
@@ -275,7 +265,7 @@ impl NativeFlattener {
             normalize_key,
             parse_timestamp,
             canonical_bytes,
-            nodes,
+            matcher: mask::Matcher::new(rules),
             hash_mac: derive(b"headwater/hash/v1")?,
             tok_mac: derive(b"headwater/tokenize/v1")?,
             et_cache: (i64::MIN, String::new()),
@@ -1032,79 +1022,35 @@ impl NativeFlattener {
     // ---------------------------------------------------------- masking
 
     fn mask_doc(&mut self, py: Python<'_>, doc: &mut V) -> R<()> {
-        if self.nodes.is_empty() || !self.has_rules() {
-            return Ok(());
-        }
-        if let V::Obj(o) = doc {
-            self.mask_dict(py, o, &[0], 0)?;
+        if let (Some(st), V::Obj(o)) = (self.matcher.start(), doc) {
+            self.mask_dict(py, o, st, 0)?;
         }
         Ok(())
     }
 
-    fn has_rules(&self) -> bool {
-        let r = &self.nodes[0];
-        !r.keys.is_empty() || r.star.is_some() || r.items.is_some() || r.policy != 0
+    /// The matcher state after a key (normalised here) from state `st`; None = nothing can match below.
+    fn mask_step(&mut self, py: Python<'_>, st: u32, key: &str) -> R<Option<u32>> {
+        let nk = self.normalize(py, key)?;
+        Ok(self.matcher.step(st, &nk))
     }
 
-    /// The annotation nodes a key with normalised name `seg` reaches from `nodes` (Masker's `hit`), into `hit`.
-    fn key_hits(&self, nodes: &[usize], seg: &str, hit: &mut Vec<usize>) {
-        for &n in nodes {
-            let nd = &self.nodes[n];
-            if let Some(&c) = nd.keys.get(seg) {
-                hit.push(c);
-            }
-            if let Some(s) = nd.star {
-                hit.push(s);
-            }
+    /// The policy for value `v` in matcher state `st` (a list as a whole, anything else).
+    fn mask_pol(&self, st: u32, is_list: bool) -> Option<mask::Pol> {
+        if is_list {
+            self.matcher.whole(st)
+        } else {
+            self.matcher.any(st)
         }
     }
 
-    /// The nodes a list's elements reach from the list's `hit` (`Masker._apply` on a list): `[]` children,
-    /// plus the nodes with keys or `*` (objects in lists inherit them).
-    fn element_hits(&self, hit: &[usize]) -> Vec<usize> {
-        let mut el: Vec<usize> = hit.iter().filter_map(|&n| self.nodes[n].items).collect();
-        el.extend(hit.iter().copied().filter(|&n| !self.nodes[n].keys.is_empty() || self.nodes[n].star.is_some()));
-        el
-    }
-
-    fn strongest(&self, hit: &[usize]) -> Option<usize> {
-        let mut pol: Option<usize> = None;
-        for &n in hit {
-            let p = self.nodes[n].policy;
-            if p != 0 && pol.is_none_or(|q| p > self.nodes[q].policy) {
-                pol = Some(n);
-            }
-        }
-        pol
-    }
-
-    fn mask_dict<'a>(&mut self, py: Python<'_>, o: &mut Vec<(Cow<'a, str>, V<'a>)>, nodes: &[usize], depth: usize) -> R<()> {
+    fn mask_dict<'a>(&mut self, py: Python<'_>, o: &mut Vec<(Cow<'a, str>, V<'a>)>, st: u32, depth: usize) -> R<()> {
         let mut i = 0;
-        let mut hit: Vec<usize> = Vec::new();
         while i < o.len() {
-            let nk = self.normalize(py, &o[i].0)?;
-            hit.clear();
-            self.key_hits(nodes, &nk, &mut hit);
-            if hit.is_empty() {
+            let Some(ns) = self.mask_step(py, st, &o[i].0)? else {
                 i += 1;
                 continue;
-            }
-            let dropped = if let Some(p) = self.strongest(&hit) {
-                match self.policy(py, p, &o[i].1)? {
-                    Masked::Keep => false,
-                    Masked::Drop => true,
-                    Masked::Set(nv) => {
-                        o[i].1 = nv;
-                        false
-                    }
-                }
-            } else if matches!(o[i].1, V::Obj(_) | V::Arr(_)) {
-                let h = hit.clone();
-                self.apply(py, &mut o[i].1, &h, depth)?
-            } else {
-                false
             };
-            if dropped {
+            if self.apply(py, &mut o[i].1, ns, depth)? {
                 o.remove(i);
             } else {
                 i += 1;
@@ -1114,8 +1060,8 @@ impl NativeFlattener {
     }
 
     /// `Masker._apply`; true = drop the value.
-    fn apply<'a>(&mut self, py: Python<'_>, v: &mut V<'a>, hit: &[usize], depth: usize) -> R<bool> {
-        if let Some(p) = self.strongest(hit) {
+    fn apply<'a>(&mut self, py: Python<'_>, v: &mut V<'a>, st: u32, depth: usize) -> R<bool> {
+        if let Some(p) = self.mask_pol(st, matches!(v, V::Arr(_))) {
             return Ok(match self.policy(py, p, v)? {
                 Masked::Keep => false,
                 Masked::Drop => true,
@@ -1130,19 +1076,15 @@ impl NativeFlattener {
                 if depth >= MAX_MASK_DEPTH {
                     return Ok(true);
                 }
-                self.mask_dict(py, o, hit, depth + 1)?;
+                self.mask_dict(py, o, st, depth + 1)?;
             }
             V::Arr(a) => {
                 if depth >= MAX_MASK_DEPTH {
                     return Ok(true);
                 }
-                let el = self.element_hits(hit);
-                if el.is_empty() {
-                    return Ok(false);
-                }
                 let mut out = Vec::with_capacity(a.len());
                 for mut x in std::mem::take(a) {
-                    if !self.apply(py, &mut x, &el, depth + 1)? {
+                    if !self.apply(py, &mut x, st, depth + 1)? {
                         out.push(x);
                     }
                 }
@@ -1153,15 +1095,14 @@ impl NativeFlattener {
         Ok(false)
     }
 
-    fn policy<'a>(&self, py: Python<'_>, node: usize, v: &V) -> R<Masked<'a>> {
-        let nd = &self.nodes[node];
-        if nd.policy == 4 {
+    fn policy<'a>(&self, py: Python<'_>, (policy, keep_last): mask::Pol, v: &V) -> R<Masked<'a>> {
+        if policy == 4 {
             return Ok(Masked::Drop);
         }
         if matches!(v, V::Null) {
             return Ok(Masked::Keep);
         }
-        let s = match nd.policy {
+        let s = match policy {
             2 => {
                 let mut m = self.hash_mac.clone();
                 m.update(&value_bytes(v));
@@ -1174,7 +1115,7 @@ impl NativeFlattener {
                 t.push_str(&json::hex(&m.finalize().into_bytes()[..16]));
                 t
             }
-            _ => self.redact(py, v, nd.keep_last)?,
+            _ => self.redact(py, v, keep_last)?,
         };
         Ok(Masked::Set(V::Str(Cow::Owned(s))))
     }
@@ -1324,6 +1265,6 @@ fn headwater_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_format_float, m)?)?;
     m.add_function(wrap_pyfunction!(_parse_timestamp_fast, m)?)?;
     m.add_function(wrap_pyfunction!(_event_time, m)?)?;
-    m.add("ABI_VERSION", 1)?;
+    m.add("ABI_VERSION", 2)?;
     Ok(())
 }

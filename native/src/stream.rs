@@ -92,7 +92,7 @@ impl NativeFlattener {
             }
         };
         c.rows.push(None);
-        let root: &[usize] = if mask && !self.nodes.is_empty() && self.has_rules() { &[0] } else { &[] };
+        let root = if mask { self.matcher.start() } else { None };
         let mut body = OutRow { table: Rc::from(""), row_id: String::new(), cols: self.buf(), types: self.buf(), n: 0 };
         self.s_obj(py, &mut p, 0, &mut body, None, &mut c, root, live, 0)?;
         if !p.at_end() {
@@ -181,7 +181,7 @@ impl NativeFlattener {
         row: &mut OutRow,
         row_id: Option<&str>,
         c: &mut SCtx,
-        mask: &[usize],
+        mask: Option<u32>,
         live: u8,
         d: usize,
     ) -> Option<()> {
@@ -214,7 +214,7 @@ impl NativeFlattener {
         row: &mut OutRow,
         row_id: Option<&str>,
         c: &mut SCtx,
-        mask: &[usize],
+        mask: Option<u32>,
         live: u8,
         d: usize,
         base: usize,
@@ -237,13 +237,16 @@ impl NativeFlattener {
                 }
             }
         }
-        // masking: the annotation nodes this key reaches (Masker.mask_doc's `hit`)
-        let mut hit: Vec<usize> = Vec::new();
-        if !mask.is_empty() {
-            self.key_hits(mask, &self.sites[site].keynames[ki].seg, &mut hit);
-        }
-        let pol = if hit.is_empty() { None } else { self.strongest(&hit) };
+        // masking: the matcher state after this key (Masker._step), and the policy for its value
+        let hit = match mask {
+            Some(st) => {
+                let seg = self.sites[site].keynames[ki].seg.clone();
+                self.matcher.step(st, &seg)
+            }
+            None => None,
+        };
         let b = p.peek()?;
+        let pol = hit.and_then(|h| self.mask_pol(h, b == b'['));
         if b == b'{' && pol.is_none() && full == 0 && !self.sites[site].deep {
             self.s_seen(site, ki, c, base)?;
             let sub = match self.sites[site].keynames[ki].sub {
@@ -258,20 +261,19 @@ impl NativeFlattener {
                     sub
                 }
             };
-            return self.s_obj(py, p, sub, row, row_id, c, &hit, clive, d + 1);
+            return self.s_obj(py, p, sub, row, row_id, c, hit, clive, d + 1);
         }
         if b == b'[' && pol.is_none() && full == 0 && !self.sites[site].deep && c.eid.is_some() && c.us.is_some() {
-            // the annotation nodes each element reaches (Masker._apply on a list); a policy on the elements
+            // elements are matched in the list's own state (lists are transparent); a policy on the elements
             // themselves (which may drop some and shift the indices) is left to the tree path
-            let el = self.element_hits(&hit);
             let at = p.i;
             p.i += 1;
             p.ws();
             let objects = p.peek()? == b'{';
             p.i = at;
-            if objects && self.strongest(&el).is_none() {
+            if objects && hit.and_then(|h| self.matcher.any(h)).is_none() {
                 self.s_seen(site, ki, c, base)?;
-                return self.s_objects(py, p, site, ki, row_id, c, &el, d);
+                return self.s_objects(py, p, site, ki, row_id, c, hit, d);
             }
         }
         let mut v = match b {
@@ -285,8 +287,10 @@ impl NativeFlattener {
                 Masked::Drop => return Some(()),
                 Masked::Set(nv) => v = nv,
             }
-        } else if !hit.is_empty() && matches!(v, V::Obj(_) | V::Arr(_)) && self.apply(py, &mut v, &hit, d).ok()? {
-            return Some(()); // dropped
+        } else if let (Some(h), true) = (hit, matches!(v, V::Obj(_) | V::Arr(_))) {
+            if self.apply(py, &mut v, h, d).ok()? {
+                return Some(()); // dropped
+            }
         }
         self.s_seen(site, ki, c, base)?;
         if full != 0 {
@@ -319,7 +323,7 @@ impl NativeFlattener {
         ki: usize,
         row_id: Option<&str>,
         c: &mut SCtx,
-        el: &[usize],
+        el: Option<u32>,
         d: usize,
     ) -> Option<()> {
         if !p.open(b']')? {
@@ -445,7 +449,7 @@ impl NativeFlattener {
             found: 0,
             keys: Vec::with_capacity(64),
         };
-        let root: &[usize] = if !self.nodes.is_empty() && self.has_rules() { &[0] } else { &[] };
+        let root = self.matcher.start();
         self.e_obj(py, &mut p, out, &mut c, root, 0b111, 0)?;
         if !p.at_end() || p.max_depth as usize > max_nesting {
             return None;
@@ -456,7 +460,7 @@ impl NativeFlattener {
     /// At a `{`: write the masked object.
     #[allow(clippy::too_many_arguments)]
     fn e_obj<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, out: &mut Vec<u8>, c: &mut ECtx<'_, 'a>,
-                 mask: &[usize], live: u8, d: usize) -> Option<()> {
+                 mask: Option<u32>, live: u8, d: usize) -> Option<()> {
         out.push(b'{');
         let base = c.keys.len();
         let mut first = true;
@@ -492,7 +496,7 @@ impl NativeFlattener {
     /// One member's (masked) value; false = dropped.
     #[allow(clippy::too_many_arguments)]
     fn e_member<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, key: &str, out: &mut Vec<u8>,
-                    c: &mut ECtx<'_, 'a>, mask: &[usize], live: u8, d: usize) -> Option<bool> {
+                    c: &mut ECtx<'_, 'a>, mask: Option<u32>, live: u8, d: usize) -> Option<bool> {
         let (mut full, mut clive) = (0u8, 0u8);
         let live = live & !c.found;
         if live != 0 {
@@ -506,20 +510,19 @@ impl NativeFlattener {
                 }
             }
         }
-        let mut hit: Vec<usize> = Vec::new();
-        if !mask.is_empty() {
-            let seg = self.normalize(py, key).ok()?;
-            self.key_hits(mask, &seg, &mut hit);
-        }
-        let pol = if hit.is_empty() { None } else { self.strongest(&hit) };
+        let hit = match mask {
+            Some(st) => self.mask_step(py, st, key).ok()?,
+            None => None,
+        };
         let b = p.peek()?;
+        let pol = hit.and_then(|h| self.mask_pol(h, b == b'['));
         if pol.is_none() && full == 0 {
             if b == b'{' {
-                self.e_obj(py, p, out, c, &hit, clive, d + 1)?;
+                self.e_obj(py, p, out, c, hit, clive, d + 1)?;
                 return Some(true);
             }
             if b == b'[' {
-                self.e_arr(py, p, out, c, &hit)?;
+                self.e_arr(py, p, out, c, hit)?;
                 return Some(true);
             }
         }
@@ -530,8 +533,10 @@ impl NativeFlattener {
                 Masked::Drop => return Some(false),
                 Masked::Set(nv) => v = nv,
             }
-        } else if !hit.is_empty() && matches!(v, V::Obj(_) | V::Arr(_)) && self.apply(py, &mut v, &hit, d).ok()? {
-            return Some(false);
+        } else if let (Some(h), true) = (hit, matches!(v, V::Obj(_) | V::Arr(_))) {
+            if self.apply(py, &mut v, h, d).ok()? {
+                return Some(false);
+            }
         }
         if full != 0 {
             if let Some(us) = envelope_fields(full, &v, &mut c.eid, &mut c.uid)? {
@@ -543,11 +548,10 @@ impl NativeFlattener {
         Some(true)
     }
 
-    /// At a `[` reached by the annotation nodes `hit` (Masker._apply on a list): write the masked array.
+    /// At a `[` in matcher state `hit` (Masker._mask_list: lists are transparent, every element is matched in
+    /// the list's state): write the masked array.
     fn e_arr<'a>(&mut self, py: Python<'_>, p: &mut Parser<'a>, out: &mut Vec<u8>, c: &mut ECtx<'_, 'a>,
-                 hit: &[usize]) -> Option<()> {
-        let el = self.element_hits(hit);
-        let pol = if el.is_empty() { None } else { self.strongest(&el) };
+                 hit: Option<u32>) -> Option<()> {
         out.push(b'[');
         let mut first = true;
         if p.open(b']')? {
@@ -556,9 +560,11 @@ impl NativeFlattener {
                 if !first {
                     out.push(b',');
                 }
-                let kept = match (pol, p.peek()?) {
-                    (None, b'{') => self.e_obj(py, p, out, c, &el, 0, 0).map(|_| true)?,
-                    (None, b'[') => self.e_arr(py, p, out, c, &el).map(|_| true)?,
+                let b = p.peek()?;
+                let pol = hit.and_then(|h| self.mask_pol(h, b == b'['));
+                let kept = match (pol, b) {
+                    (None, b'{') => self.e_obj(py, p, out, c, hit, 0, 0).map(|_| true)?,
+                    (None, b'[') => self.e_arr(py, p, out, c, hit).map(|_| true)?,
                     (Some(n), _) => {
                         let v = p.value()?;
                         match self.policy(py, n, &v).ok()? {

@@ -24,7 +24,7 @@ def streaming():
 def test_streaming_manifest_matches_checked_in(streaming):
     _compare(streaming, STREAMING_MANIFEST, "examples/streaming.yaml")
     assert any("ReadFromPubSub" in s for s in streaming["steps"]), "Dataflow graph must use Beam's native Pub/Sub read"
-    assert any("_StreamingAggregateFn" in s for s in streaming["stateful"])
+    assert any(s.endswith("ComputeAggregates/AggregatePerKey/PerKeyState") for s in streaming["stateful"])
 
 
 def test_step_manifest_matches_checked_in(current):

@@ -135,3 +135,78 @@ def test_too_deep_under_annotated_path_is_dropped_not_leaked():
     assert "secret" not in seen
     shallow = m(("a.b", "hash", {})).mask_doc({"a": [[{"b": "secret"}]]})
     assert shallow["a"][0][0]["b"] != "secret"
+
+
+# ------------------------------------------------------------------ shape drift (issue 14)
+
+SSN, PAN = "987-65-4321", "4111111111111111"
+DRIFT = m(("user.ssn", "hash", {}), ("accounts[].number", "redact", {}))
+
+
+def _leaves(x):
+    stack, out = [x], []
+    while stack:
+        y = stack.pop()
+        if isinstance(y, dict):
+            stack.extend(y.values())
+        elif isinstance(y, list):
+            stack.extend(y)
+        else:
+            out.append(y)
+    return out
+
+
+@pytest.mark.parametrize("doc", [
+    {"accounts": {"number": PAN}},  # an object where the annotation says list
+    {"accounts": [[{"number": PAN}], [[{"number": PAN}]]]},  # lists of lists
+    {"accounts": [{"number": [PAN, [PAN]]}]},  # a list (of lists) of scalars at the leaf
+    {"accounts": {"number": {"full": PAN}}},  # an object at the leaf
+    {"user": [{"ssn": SSN}, [{"ssn": SSN}]]},  # a list where the annotation says object
+    {"user": {"ssn": [SSN, SSN]}, "USER": {"SSN": SSN}},
+    {"user.ssn": SSN, "accounts.number": PAN},  # literal dotted keys: columns user_ssn / accounts_number
+    {"user_ssn": SSN, "user__ssn": SSN, "User-SSN": SSN, "accounts__number": PAN, "accounts_number": [PAN]},
+    {"user": {"ssn.": SSN}, "accounts": [{"number ": PAN, "Number": PAN}]},
+])
+def test_annotations_hold_under_shape_drift(doc):
+    out = DRIFT.mask_doc(doc)
+    text = orjson.dumps(out).decode()
+    assert SSN not in text and PAN not in text and "4321" not in text.replace("****4321", "")
+    assert all(v not in (SSN, PAN) for v in _leaves(out))
+
+
+def test_drift_results_are_the_policies():
+    out = DRIFT.mask_doc({"accounts": {"number": PAN}, "user.ssn": SSN, "accounts.number": [[PAN]],
+                          "user": [[{"ssn": SSN}]]})
+    assert out["accounts"] == {"number": "****1111"}
+    assert out["user.ssn"] == DRIFT.hash_value(SSN) == out["user"][0][0]["ssn"]
+    assert out["accounts.number"] == "****"  # a list where no [] was written: masked whole
+
+
+def test_trailing_brackets_mask_element_by_element():
+    masker = m(("tags[]", "redact", {"keep_last": 1}), ("codes", "redact", {"keep_last": 1}))
+    out = masker.mask_doc({"tags": ["abcd", ["efgh"], {"x": "ijkl"}, None], "codes": ["abcd", "efgh"]})
+    assert out["tags"] == ["****d", ["****h"], "****", None]
+    assert out["codes"] == "****"  # no []: the list is one value
+    assert masker.mask_doc({"tags": "abcd"})["tags"] == "****d"  # a scalar where the contract says list
+
+
+def test_no_false_matches_on_other_names():
+    doc = {"user": {"ssn_last4": "4321", "ssnx": 1}, "a": {"user": {"ssn": SSN}}, "users": {"ssn": SSN},
+           "accounts": [{"numbers": PAN}], "account_number": PAN}
+    assert DRIFT.mask_doc(doc) == doc
+
+
+def test_star_matches_one_or_more_name_tokens():
+    masker = m(("user.*.phone", "drop", {}))
+    out = masker.mask_doc({"user": {"home": {"phone": 1}, "work_cell": {"phone": 2}, "a": {"b": {"phone": 3}},
+                                    "phone": 4}, "user.x.phone": 5, "user_phone": 6})
+    assert out == {"user": {"home": {}, "work_cell": {}, "a": {"b": {}}, "phone": 4}, "user_phone": 6}
+
+
+def test_rules_are_public_and_strength_is_order_independent():
+    a = m(("x", "redact", {"keep_last": 4}), ("X", "redact", {"keep_last": 1}), ("x", "hash", {}))
+    b = m(("x", "hash", {}), ("X", "redact", {"keep_last": 1}), ("x", "redact", {"keep_last": 4}))
+    assert a.mask_doc({"x": "abcdefgh"}) == b.mask_doc({"x": "abcdefgh"}) == {"x": "****h"}
+    r = m(("accounts[].e-mail[]", "drop", {}), ("user.*.ssn", "hash", {})).rules()
+    assert r[0].tokens == ("accounts", "e", "mail") and r[0].per_element
+    assert r[1].tokens == ("user", None, "ssn") and not r[1].per_element

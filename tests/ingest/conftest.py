@@ -10,14 +10,19 @@ import apache_beam as beam
 import orjson
 import pytest
 
+from ingest.pipeline import _end_local_job
 from ingest.runner import runner_options
+from sinks import ledger
 from tests.conftest_services import live_services, unique_name  # noqa: F401  (fixture re-export)
 
 _WRITE_LOCK = threading.Lock()
 
 
 class AppendJsonl(beam.DoFn):
-    """Test sink: one JSON line per RawMessage with its element timestamp (LOOPBACK workers share the FS)."""
+    """Test sink: one JSON line per RawMessage with its element timestamp (LOOPBACK workers share the FS).
+
+    Like the warehouse sinks, it tells the local commit ledger (sinks.ledger) once a line is written,
+    so the source commits / acks it."""
 
     def __init__(self, path: str):
         self._path = path
@@ -28,6 +33,7 @@ class AppendJsonl(beam.DoFn):
                              "source": m.source, "partner": m.partner, "ts_us": ts.micros})
         with _WRITE_LOCK, open(self._path, "ab") as fh:
             fh.write(line + b"\n")
+        ledger.resolve(m.coords)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,17 +63,14 @@ def run_streaming(build: Callable[[beam.Pipeline], None], until: Callable[[], bo
     try:
         reached = wait_for(until, timeout)
     finally:
-        result.cancel()
-        # wait_until_finish() raises for CANCELLED on portable runners; poll the state instead.
-        wait_for(lambda: PipelineState.is_terminal(result.state), 30)
-    return reached, str(result.state)
-
-
-@pytest.fixture(autouse=True)
-def _prompt_commits(monkeypatch, request):
-    """Source tests check commits/acks right away; the end-to-end tests keep a real delay (their own env)."""
-    if "e2e" not in request.node.nodeid:
-        monkeypatch.setenv("HEADWATER_COMMIT_DELAY_S", "0")
+        try:
+            result.cancel()
+            # wait_until_finish() raises for CANCELLED on portable runners; poll the state instead.
+            wait_for(lambda: PipelineState.is_terminal(result.state), 30)
+            state = str(result.state)
+        finally:
+            _end_local_job()  # final commits, then no commit loop and no Prism left behind
+    return reached, state
 
 
 @pytest.fixture

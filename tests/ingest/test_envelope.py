@@ -57,7 +57,7 @@ def test_bad_inputs_have_distinct_reasons(payload, reason):
     out = parser().parse(msg(payload), 1)
     assert isinstance(out, DeadLetter), out
     assert out.reason == reason
-    assert out.message and out.step == "ParseEnvelope" and out.payload_ref.startswith("sha256:")
+    assert out.message and out.step == "ParseEnvelope" and out.payload_ref.startswith("hmac-sha256:")
 
 
 def test_parser_recursion_limit_is_a_dead_letter_not_a_crash():
@@ -204,3 +204,25 @@ def test_compiled_path_equals_python_on_well_formed_events(eid, uid, ts, rest, f
     if isinstance(a, DeadLetter) and a.payload.startswith(b"enc:v1:"):
         a, b = a._replace(payload=b""), b._replace(payload=b"")
     assert a == b
+
+
+def test_payload_ref_is_keyed_and_messages_never_quote_values():
+    """An SSN-only payload cannot be recovered from its ref by hashing guesses, and a bad value is named, not
+    quoted, for partners with annotations (issue 14)."""
+    import hashlib
+
+    raw = b'"987-65-4321"'
+    cols = [ColumnAnnotation(path="user.ssn", pii=PiiPolicy.HASH)]
+    a, b = parser(cols).parse(msg(raw), 1), EnvelopeParser(ENV, Masker(cols, b"z" * 32)).parse(msg(raw), 1)
+    assert a.payload_ref.startswith("hmac-sha256:") and a.payload_ref != b.payload_ref
+    assert hashlib.sha256(raw).hexdigest() not in a.payload_ref
+    bad = orjson.dumps({"id": "e1", "user": {"id": "u"}, "ts": "987-65-4321"})
+    out = parser(cols).parse(msg(bad), 1)
+    assert out.reason == Reason.BAD_EVENT_TIME and "987" not in out.message
+    assert out.message == "event time at 'ts' is not ISO-8601"
+    for ts in (True, 99_999_999_999_999_999, "12.5.x", 1e308):
+        out = parser(cols, env=ENV.model_copy(update={"event_time_format": "epoch_ms"})).parse(
+            msg(orjson.dumps({"id": "e1", "user": {"id": "u"}, "ts": ts})), 1)
+        assert out.reason == Reason.BAD_EVENT_TIME and str(ts)[:6] not in out.message, out.message
+    plain = parser().parse(msg(bad), 1)  # no annotations: the value helps the operator and is not PII-tagged
+    assert "987-65-4321" in plain.message

@@ -1,6 +1,8 @@
 """ReadFromPartnerPubSub: pure helpers, runner choice, and against the real Pub/Sub emulator on Prism."""
 from __future__ import annotations
 
+import os
+
 from datetime import datetime, timezone
 
 import apache_beam as beam
@@ -48,9 +50,14 @@ def test_native_read_only_where_it_runs(argv, native):
 def test_runner_options_pick_prism_for_streaming_only():
     assert runner_options(False, ["--foo=1"]) == ["--foo=1"]
     argv = runner_options(True, ["--foo=1"], prism="/opt/prism")
-    assert argv[:4] == ["--runner=PrismRunner", "--prism_location=/opt/prism", "--environment_type=LOOPBACK",
-                        "--streaming"]
+    assert argv[0] == "--runner=PrismRunner" and argv[1].startswith("--prism_location=")
+    supervisor = argv[1].split("=", 1)[1]  # Prism runs under headwater's supervisor (never outlives the job)
+    assert "PRISM = '/opt/prism'" in open(supervisor).read() and os.access(supervisor, os.X_OK)
+    # splits of stateful bundles lose state updates on Prism 2.77 (docs/streaming.md): always disabled
+    assert argv[2:5] == ["--environment_type=LOOPBACK", "--experiments=prism_disable_sdf_split", "--streaming"]
     assert argv[-1] == "--foo=1"
+    assert runner_options(True, ["--experiments=prism_disable_sdf_split,x"], prism="/opt/prism").count(
+        "--experiments=prism_disable_sdf_split") == 0
     dataflow = runner_options(True, ["--runner=DataflowRunner", "--project=p"], prism="/opt/prism")
     assert dataflow == ["--streaming", "--runner=DataflowRunner", "--project=p"]
     kept = runner_options(True, ["--prism_location", "/x/prism"], prism="/opt/prism")

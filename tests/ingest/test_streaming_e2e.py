@@ -28,9 +28,7 @@ from tests.ingest.conftest import unique_name, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = ("acme_live_events", "orbit_live_offers")
 JOB = Path(__file__).resolve().parent / "streaming_job.py"
-# Commits/acks wait 5 s after finalization on Prism (in-flight data is in memory only); local
-# source-to-warehouse latency is ~1-3 s. Shorter than the 15 s default to keep the test quick.
-JOB_ENV = {"HEADWATER_COMMIT_DELAY_S": "5"}
+JOB_ENV: dict[str, str] = {}
 
 pytestmark = pytest.mark.integration
 
@@ -84,8 +82,10 @@ def _ensure_sources(contract: Contract) -> None:
 
 
 def _launch(contract_path: Path, log: Path) -> subprocess.Popen:
+    # PYTHONPATH: the job imports this checkout's packages (a script's sys.path starts at its own folder)
+    env = {**os.environ, **JOB_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, str(JOB), str(contract_path)], cwd=ROOT, start_new_session=True,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **JOB_ENV})
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
 
 
 def _kill(proc: subprocess.Popen) -> None:
