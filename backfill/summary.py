@@ -36,7 +36,9 @@ class _CountMainRowsFn(beam.DoFn):
         self._n = Metrics.counter("headwater", MAIN_ROWS)
 
     def process(self, row):
-        if row.table in self._tables:
+        if isinstance(row, list):  # the bounded job's DuckDB row stream carries batches (ingest.bounded.RowBatch)
+            self._n.inc(sum(1 for r in row if r.table in self._tables))
+        elif row.table in self._tables:
             self._n.inc()
         return iter(())
 
@@ -54,7 +56,7 @@ class _CountDeadLettersFn(beam.DoFn):
 
 
 class CountOutcomes(beam.PTransform):
-    """(rows: PCollection[TableRow], dead_letters: PCollection[DeadLetter]) -> counters only (no output)."""
+    """(rows: PCollection[TableRow | list[TableRow]], dead_letters: PCollection[DeadLetter]) -> counters only."""
 
     def __init__(self, main_tables: Iterable[str], label: str = "CountOutcomes"):
         super().__init__(label)
