@@ -24,7 +24,7 @@ import orjson
 
 from backfill.chunks import Chunk
 
-__all__ = ["Counts", "LEDGER_TABLE", "LEDGER_COLUMNS", "LedgerRow", "DuckDBLedger", "BigQueryLedger"]
+__all__ = ["Counts", "summary_line", "LEDGER_TABLE", "LEDGER_COLUMNS", "LedgerRow", "DuckDBLedger", "BigQueryLedger"]
 
 LEDGER_TABLE = "_headwater_backfills"
 LEDGER_COLUMNS = (("backfill_id", "STRING"), ("kind", "STRING"), ("uri", "STRING"), ("generation", "STRING"),
@@ -49,6 +49,13 @@ class Counts(NamedTuple):
     @property
     def reconciled(self) -> bool:
         return self.events_in == self.rows + self.dead_letters + self.duplicates + self.out_of_range
+
+
+def summary_line(c: Counts, extra: str = "") -> str:
+    """``N records in = rows + dead letters + duplicates + out of range -> OK`` (or MISMATCH)."""
+    ok = "OK" if c.reconciled else "MISMATCH"
+    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
+            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 class LedgerRow(NamedTuple):
@@ -83,7 +90,7 @@ def wave_rows(bid: str, wave: int, chunks: Sequence[Chunk], counts: Counts, star
 
 
 class _Ledger:
-    def _select(self, sql_where: str, params: list) -> list[dict]:
+    def _select(self, sql_where: str, params: list, what: str = "*") -> list[dict]:
         raise NotImplementedError
 
     def append(self, rows: Iterable[LedgerRow]) -> None:
@@ -115,18 +122,18 @@ class _Ledger:
         self.append(wave_rows(bid, wave, chunks, counts, started_us))
 
     def staged_totals(self, bid: str) -> tuple[int, Counts, int]:
-        """(waves, summed counts, chunks staged) recorded for ``bid``."""
-        rows = self._select("backfill_id = ? AND kind = 'wave'", [bid])
-        total = Counts()
-        for r in rows:
-            total = total + Counts(*(int(r[k] or 0) for k in ("events_in", "rows_out", "dead_letters",
-                                                               "duplicates", "out_of_range")))
-        chunks = len({r["uri"] for r in self._select("backfill_id = ? AND kind = 'chunk'", [bid])})
-        return len(rows), total, chunks
+        """(waves, summed counts, distinct chunks staged) recorded for ``bid``: aggregated in the warehouse,
+        so 100,000 chunk rows are never fetched."""
+        w = self._select("backfill_id = ? AND kind = 'wave'", [bid],
+                         "COUNT(*) AS waves, MAX(wave) AS last, SUM(events_in) AS a, SUM(rows_out) AS b, "
+                         "SUM(dead_letters) AS c, SUM(duplicates) AS d, SUM(out_of_range) AS e")[0]
+        chunks = self._select("backfill_id = ? AND kind = 'chunk'", [bid], "COUNT(DISTINCT uri) AS n")[0]["n"]
+        total = Counts(*(int(w[k] or 0) for k in "abcde"))
+        return int(w["waves"] or 0), total, int(chunks or 0)
 
     def next_wave(self, bid: str) -> int:
-        rows = self._select("backfill_id = ? AND kind = 'wave'", [bid])
-        return 1 + max((int(r["wave"]) for r in rows), default=-1)
+        last = self._select("backfill_id = ? AND kind = 'wave'", [bid], "MAX(wave) AS last")[0]["last"]
+        return 0 if last is None else int(last) + 1
 
     def applied(self, bid: str) -> Optional[dict]:
         rows = self._select("backfill_id = ? AND kind = 'apply'", [bid])
@@ -167,10 +174,11 @@ class DuckDBLedger(_Ledger):
         finally:
             con.close()
 
-    def _select(self, where: str, params: list) -> list[dict]:
+    def _select(self, where: str, params: list, what: str = "*") -> list[dict]:
         con = self._connect()
         try:
-            cur = con.execute(f"SELECT * FROM {LEDGER_TABLE} WHERE {where} ORDER BY finished_at", params)
+            order = " ORDER BY finished_at" if what == "*" else ""
+            cur = con.execute(f"SELECT {what} FROM {LEDGER_TABLE} WHERE {where}{order}", params)
             names = [d[0] for d in cur.description]
             return [dict(zip(names, r)) for r in cur.fetchall()]
         finally:
@@ -212,10 +220,11 @@ class BigQueryLedger(_Ledger):
         self._query(f"INSERT INTO `{self.ref}` ({', '.join(f'`{n}`' for n in _NAMES)}) VALUES {', '.join(values)}",
                     params)
 
-    def _select(self, where: str, params: list) -> list[dict]:
+    def _select(self, where: str, params: list, what: str = "*") -> list[dict]:
         n = iter(range(len(params)))
         where_bq = "".join(f"@p{next(n)}" if ch == "?" else ch for ch in where)
-        return self._query(f"SELECT * FROM `{self.ref}` WHERE {where_bq} ORDER BY finished_at",
+        order = " ORDER BY finished_at" if what == "*" else ""
+        return self._query(f"SELECT {what} FROM `{self.ref}` WHERE {where_bq}{order}",
                            [(_guess(v), v) for v in params])
 
 

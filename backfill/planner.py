@@ -65,8 +65,6 @@ def mode_effect(spec: BackfillSpec, table: str, existing: dict) -> str:
 
 
 def build_plan(contract: Contract, spec: BackfillSpec, first: int = 10, sample: int = 3) -> dict:
-    from apache_beam.io.filesystem import FileSystem  # noqa: F401  (glob syntax; imported before the clock starts)
-
     partner = contract.partner(spec.partner)
     try:
         spec.check_partitions(partner.table.name, partner.table.partition_granularity)

@@ -31,7 +31,7 @@ import orjson
 from backfill.ledger import Counts
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
-from backfill.summary import CountOutcomes, counts_from, summary_line
+from backfill.summary import CountOutcomes, counts_from, rows_include_duplicates, summary_line
 from flatten.records import RawMessage
 from ingest.contract import Contract, FileSource
 
@@ -193,7 +193,7 @@ def replay(contract: Contract, partner: Optional[str] = None, reason: Optional[s
     t0 = time.monotonic()
     result = p.run()
     state = str(result.wait_until_finish())
-    counts = counts_from(result)
+    counts = counts_from(result, rows_include_duplicates(rc))
     failed = _failed_again(target, contract)
     tables: dict = {}
     for name in partners:

@@ -23,10 +23,9 @@ from typing import Iterator, Sequence, TextIO
 import orjson
 
 from backfill.chunks import Chunk, iter_chunks
-from backfill.ledger import Counts
+from backfill.ledger import Counts, summary_line
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
-from backfill.summary import summary_line
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]
@@ -161,6 +160,8 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
     elif ledger.staged_totals(bid)[2] and not target.staging_exists():
         raise ContractError(f"--id: backfill {bid!r} has staged chunks in the ledger but its staging "
                             f"{target.staging_name} is gone; start again with a new id")
+    if not target.staging_exists():
+        target.seed_staging(partner.name, partner.table)
 
     stopped: list[int] = []
 

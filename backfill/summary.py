@@ -22,9 +22,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
-from backfill.ledger import Counts
+from backfill.ledger import Counts, summary_line
 
-__all__ = ["CountOutcomes", "counts_from", "summary_line", "run_bounded"]
+__all__ = ["CountOutcomes", "counts_from", "rows_include_duplicates", "summary_line", "run_bounded"]
 
 MAIN_ROWS = "backfill_main_rows"
 DEAD = "backfill_dead_letters"
@@ -35,13 +35,11 @@ class _CountMainRowsFn(beam.DoFn):
         self._tables = frozenset(tables)
         self._n = Metrics.counter("headwater", MAIN_ROWS)
 
-    def process(self, element):
-        # The bounded job moves rows in batches (ingest.bounded.RowBatch, a list of TableRow); the streaming
-        # shape is one TableRow per element.
-        rows = element if isinstance(element, list) else (element,)
-        n = sum(1 for row in rows if row.table in self._tables)
-        if n:
-            self._n.inc(n)
+    def process(self, row):
+        if isinstance(row, list):  # the bounded job's DuckDB row stream carries batches (ingest.bounded.RowBatch)
+            self._n.inc(sum(1 for r in row if r.table in self._tables))
+        elif row.table in self._tables:
+            self._n.inc()
         return iter(())
 
 
@@ -58,7 +56,7 @@ class _CountDeadLettersFn(beam.DoFn):
 
 
 class CountOutcomes(beam.PTransform):
-    """(rows: PCollection[TableRow], dead_letters: PCollection[DeadLetter]) -> counters only (no output)."""
+    """(rows: PCollection[TableRow | list[TableRow]], dead_letters: PCollection[DeadLetter]) -> counters only."""
 
     def __init__(self, main_tables: Iterable[str], label: str = "CountOutcomes"):
         super().__init__(label)
@@ -71,20 +69,26 @@ class CountOutcomes(beam.PTransform):
         return beam.pvalue.PDone(rows.pipeline)
 
 
-def counts_from(result) -> Counts:
+def rows_include_duplicates(contract) -> bool:
+    """Whether the bounded job's row stream still carries duplicate events' rows: on DuckDB it does
+    (``ingest.bounded``: rows are written as they come, ``INSERT OR IGNORE`` by ``_row_id`` absorbs the
+    repeats), on BigQuery only the kept copy's rows are written (``keep_rows``)."""
+    return not contract.streaming and contract.warehouse.kind == "duckdb"
+
+
+def counts_from(result, rows_include_duplicates: bool = False) -> Counts:
+    """The job's reconciliation figures. ``rows`` are events that became rows: main rows produced, minus
+    the duplicates' own rows when the row stream carries them (a duplicate event yields the same main row
+    id, so it adds nothing to the warehouse and is counted once, as a duplicate)."""
     n: dict[str, int] = {}
     for c in result.metrics().query(MetricsFilter().with_namespace("headwater"))["counters"]:
         value = c.committed if c.committed is not None else c.attempted
         n[c.key.metric.name] = n.get(c.key.metric.name, 0) + int(value or 0)
+    dups = n.get("duplicate_events", 0)
+    rows = n.get(MAIN_ROWS, 0) - (dups if rows_include_duplicates else 0)
     return Counts(events_in=n.get("file_records", 0) + n.get("dead_letters_file", 0) + n.get("replay_records", 0),
-                  rows=n.get(MAIN_ROWS, 0), dead_letters=n.get(DEAD, 0), duplicates=n.get("duplicate_events", 0),
+                  rows=rows, dead_letters=n.get(DEAD, 0), duplicates=dups,
                   out_of_range=n.get("backfill_out_of_range", 0))
-
-
-def summary_line(c: Counts, extra: str = "") -> str:
-    ok = "OK" if c.reconciled else "MISMATCH"
-    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
-            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -106,7 +110,7 @@ def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = 
     with LiveCount(err):
         result = p.run()
         state = str(result.wait_until_finish())
-    c = counts_from(result)
+    c = counts_from(result, rows_include_duplicates(contract))
     out.write(f"headwater: job finished in state {state} in {time.monotonic() - t0:.1f}s\n")
     out.write(f"Reconciliation: {summary_line(c)}\n")
     return 0 if state.endswith("DONE") and c.reconciled else 1

@@ -66,6 +66,15 @@ class BigQueryTarget:
         except gexc.NotFound:
             return False
 
+    def seed_staging(self, partner: str, table_spec) -> None:
+        """Create the staging tables with the live schemas (partitioning and clustering too), so the sink
+        reconciles history against the same columns and types the stream did."""
+        from sinks.bq_client import BigQueryTables
+
+        staging = BigQueryTables(self.staging_warehouse, client=self.client)
+        for t in self._partner_tables(self.wh.dataset, table_spec.name):
+            staging.provide(layout_for_row_table(t, partner, table_spec), self._schema(self.wh.dataset, t))
+
     def drop_staging(self) -> None:
         self.client.delete_dataset(f"{self.wh.project}.{self.staging_name}", delete_contents=True, not_found_ok=True,
                                    retry=None, timeout=self._timeout)
@@ -155,7 +164,9 @@ class BigQueryTarget:
             if not in_live:
                 out["absent"] = n_staged
                 return out, None
-            setc = [c for c in spec.columns if staged is not None and c in staged]
+            # a named column no staged row has a value for is not set (it would only erase live values)
+            setc = [c for c in spec.columns if staged is not None and c in staged and self._count(
+                f"SELECT COUNT({bq_merge.qident(c)}) AS n FROM {bq_merge.qident(stg_ref)}")]
             out["absent"] = self._count(bq_merge.absent_rows_sql(tgt_ref, stg_ref))
             if not setc:
                 return out, None

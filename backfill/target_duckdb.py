@@ -87,6 +87,27 @@ class DuckDBTarget:
     def staging_exists(self) -> bool:
         return os.path.exists(self.staging_name)
 
+    def seed_staging(self, partner: str, table_spec) -> None:
+        """Create staging with the live tables' schemas, so the sink reconciles history against the same
+        columns and types the stream did (same type decisions, same variant columns)."""
+        con = self.connect(self.staging_name)
+        try:
+            DuckDBWarehouse(self.staging_warehouse, {partner: table_spec}, {})._ensure_meta(con)
+            if not os.path.exists(self.path):
+                return
+            con.execute(f"ATTACH {_s(self.path)} AS hw_backfill_live (READ_ONLY)")
+            if not self._has_meta(con, "hw_backfill_live"):
+                return
+            for t in self._tables(con, "hw_backfill_live", partner):
+                schema = self._schema(con, "hw_backfill_live", t)
+                con.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
+                con.execute("INSERT OR IGNORE INTO _headwater_tables SELECT * FROM hw_backfill_live._headwater_tables "
+                            "WHERE table_name = ?", [t])
+                if schema is not None:
+                    self._evolve(con, t, TableSchema((), schema.version - 1), list(schema.columns))
+        finally:
+            con.close()
+
     def drop_staging(self) -> None:
         for f in (self.staging_name, self.staging_name + ".wal"):
             if os.path.exists(f):
@@ -120,12 +141,12 @@ class DuckDBTarget:
         try:
             has_staging = self.staging_exists()
             if has_staging:
-                con.execute(f"ATTACH {_s(self.staging_name)} AS stg (READ_ONLY)")
+                con.execute(f"ATTACH {_s(self.staging_name)} AS hw_backfill_staging (READ_ONLY)")
             con.execute("BEGIN TRANSACTION")
             try:
                 DuckDBWarehouse(self.wh, {partner: table_spec}, {})._ensure_meta(con)  # the store's own DDL
                 DuckDBLedger.create(con)
-                staged = self._tables(con, "stg", partner) if has_staging and self._has_meta(con, "stg") else []
+                staged = self._tables(con, "hw_backfill_staging", partner) if has_staging and self._has_meta(con, "hw_backfill_staging") else []
                 live = self._tables(con, None, partner)
                 tables = sorted(set(staged) | (set(live) if spec.mode == "replace" else set()))
                 result: dict = {"tables": {}}
@@ -180,13 +201,13 @@ class DuckDBTarget:
 
     def _create_like_staging(self, con, table: str) -> TableSchema:
         con.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
-        con.execute("INSERT OR IGNORE INTO _headwater_tables SELECT * FROM stg._headwater_tables WHERE table_name = ?",
+        con.execute("INSERT OR IGNORE INTO _headwater_tables SELECT * FROM hw_backfill_staging._headwater_tables WHERE table_name = ?",
                     [table])
         return TableSchema((), 0)
 
     def _apply_table(self, con, spec: BackfillSpec, table: str, in_staging: bool, in_live: bool) -> dict:
-        t, s = _q(table), f"stg.{_q(table)}"
-        staged = self._schema(con, "stg", table) if in_staging else None
+        t, s = _q(table), f"hw_backfill_staging.{_q(table)}"
+        staged = self._schema(con, "hw_backfill_staging", table) if in_staging else None
         live = self._schema(con, None, table) if in_live else None
         n_staged = con.execute(f"SELECT count(*) FROM {s}").fetchone()[0] if in_staging else 0
         out = {"staged": n_staged, "inserted": 0, "updated": 0, "deleted": 0, "absent": 0}
@@ -194,7 +215,9 @@ class DuckDBTarget:
             if live is None:
                 out["absent"] = n_staged
                 return out
-            setc = [c for c in spec.columns if staged is not None and c in staged]
+            # a named column no staged row has a value for is not set (it would only erase live values)
+            setc = [c for c in spec.columns if staged is not None and c in staged
+                    and con.execute(f"SELECT count({_q(c)}) FROM {s}").fetchone()[0]]
             out["absent"] = con.execute(f"SELECT count(*) FROM {s} AS s ANTI JOIN {t} AS t USING (_row_id)").fetchone()[0]
             if setc:
                 self._evolve(con, table, live, [staged.get(c) for c in setc])
@@ -223,17 +246,17 @@ class DuckDBTarget:
 
     def _rejected(self, con, main: str) -> int:
         """Main rows the sink rejected while staging (dead letters with source 'warehouse')."""
-        if not self._has_table(con, "stg", self.wh.dead_letter_table):
+        if not self._has_table(con, "hw_backfill_staging", self.wh.dead_letter_table):
             return 0
-        return con.execute(f"SELECT count(DISTINCT coords) FROM stg.{_q(self.wh.dead_letter_table)} "
+        return con.execute(f"SELECT count(DISTINCT coords) FROM hw_backfill_staging.{_q(self.wh.dead_letter_table)} "
                            "WHERE source = 'warehouse' AND starts_with(coords, ?)", [f"table:{main}/"]).fetchone()[0]
 
     def _dead_letters(self, con) -> int:
         dl = _q(self.wh.dead_letter_table)
-        if not self._has_table(con, "stg", self.wh.dead_letter_table):
+        if not self._has_table(con, "hw_backfill_staging", self.wh.dead_letter_table):
             return 0
-        cols = ", ".join(_q(r[0]) for r in con.execute(f"DESCRIBE stg.{dl}").fetchall())
-        return con.execute(f"INSERT OR IGNORE INTO {dl} ({cols}) SELECT {cols} FROM stg.{dl}").fetchone()[0]
+        cols = ", ".join(_q(r[0]) for r in con.execute(f"DESCRIBE hw_backfill_staging.{dl}").fetchall())
+        return con.execute(f"INSERT OR IGNORE INTO {dl} ({cols}) SELECT {cols} FROM hw_backfill_staging.{dl}").fetchone()[0]
 
 
 def _now_us() -> int:

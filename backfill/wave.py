@@ -19,7 +19,7 @@ from backfill.chunks import Chunk
 from backfill.ledger import Counts
 from backfill.read import ReadChunks
 from backfill.spec import BackfillSpec
-from backfill.summary import CountOutcomes, counts_from
+from backfill.summary import CountOutcomes, counts_from, rows_include_duplicates
 from ingest.contract import Contract, FileSource
 
 __all__ = ["wave_contract", "run_wave", "WaveFailed"]
@@ -69,4 +69,4 @@ def run_wave(contract: Contract, spec: BackfillSpec, chunks: Sequence[Chunk], st
         raise
     if not state.endswith("DONE"):
         raise WaveFailed(f"wave over {len(chunks)} chunks ended in state {state}")
-    return counts_from(result)
+    return counts_from(result, rows_include_duplicates(wc))

@@ -164,7 +164,6 @@ def _backfill(args, contract, spec, beam_argv: list[str]) -> int:
     import orjson
 
     from backfill.planner import build_plan, render_plan
-    from backfill.runner import run_backfill
 
     if args.backfill_cmd == "plan":
         plan = build_plan(contract, spec, first=args.first)
@@ -173,6 +172,8 @@ def _backfill(args, contract, spec, beam_argv: list[str]) -> int:
         else:
             render_plan(plan, sys.stdout)
         return 0
+    from backfill.runner import run_backfill
+
     return run_backfill(contract, spec, beam_argv, keep_staging=args.keep_staging)
 
 

@@ -119,3 +119,16 @@ def test_replace_needs_partition_boundaries(tmp_path):
                         "--source", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--id", "x2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "quote --source globs" in r.stderr, r.stderr
+
+
+def test_glob_regex_is_beams_translate_pattern_without_importing_beam():
+    from apache_beam.io.filesystem import FileSystem
+
+    from backfill.chunks import glob_regex
+
+    for p in ("gs://b/a/*.gz", "/x/**.jsonl", "/x/[!a]?.avro", "/x/[^b]*", "/x/[]a]/x", "/x/[ab",
+              "s3://b/2026-0[1-3]-*/part-*.jsonl.gz", "/x/a+b(1).jsonl"):
+        assert glob_regex(p) == FileSystem.translate_pattern(p), p
+    r = subprocess.run([sys.executable, "-c", "import sys, backfill.planner, backfill.runner, deploy.cli; "
+                        "print('apache_beam' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr  # `backfill plan` never pays Beam's import time
