@@ -63,6 +63,13 @@ def _cmd_run(args, beam_argv: list[str]) -> int:
     from ingest.preflight import preflight
 
     contract = _load(args.config)
+    from deploy.dataflow.job import flag
+
+    if (flag(beam_argv, "runner") or "").endswith("DataflowRunner"):
+        # `run` waits for the job and cancels it on Ctrl-C: right locally, wrong for a Dataflow job.
+        print("headwater: Dataflow jobs are deployed with `headwater deploy plan|launch|update --config "
+              f"{args.config} --job NAME` (detached, recorded, update-checked); see docs/deploy.md", file=sys.stderr)
+        return 2
     preflight(contract)
     print(f"headwater: running {len(contract.partners)} partners "
           f"({'streaming' if contract.streaming else 'batch'}) into {contract.warehouse.kind}", file=sys.stderr)

@@ -161,3 +161,8 @@ def test_ctrl_c_during_submission_is_held_not_cancelling():
     assert received == [signal.SIGINT, signal.SIGTERM]
     assert "never cancelled" in out.getvalue()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_run_with_the_dataflow_runner_points_to_deploy(capsys):
+    code = cli(["run", "--config", STREAMING, "--runner=DataflowRunner", "--project=acme-data"])
+    assert code == 2 and "headwater deploy plan|launch|update" in capsys.readouterr().err
