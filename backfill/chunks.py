@@ -78,22 +78,25 @@ def _local(pattern: str) -> Iterator[Chunk]:
         return
     root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
     recursive = "**" in pattern or os.sep in pattern[len(root):].lstrip(os.sep)
-    stack = [root or os.sep]
+    # depth-first in name order: full paths come out sorted, like an object store's listing
+    stack = [_sorted_entries(root or os.sep)]
     while stack:
-        d = stack.pop()
-        try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)  # one directory at a time
-        except FileNotFoundError:
-            continue
-        subdirs = []
-        for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                if recursive:
-                    subdirs.append(e.path)
-            elif e.is_file() and match(e.path):
-                st = e.stat()
-                yield Chunk(e.path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}", st.st_mtime)
-        stack.extend(reversed(subdirs))
+        e = next(stack[-1], None)
+        if e is None:
+            stack.pop()
+        elif e.is_dir(follow_symlinks=False):
+            if recursive:
+                stack.append(_sorted_entries(e.path))
+        elif e.is_file() and match(e.path):
+            st = e.stat()
+            yield Chunk(e.path, st.st_size, f"{st.st_mtime_ns}-{st.st_size}", st.st_mtime)
+
+
+def _sorted_entries(d: str) -> Iterator[os.DirEntry]:
+    try:
+        return iter(sorted(os.scandir(d), key=lambda e: e.name))  # one directory's entries at a time
+    except FileNotFoundError:
+        return iter(())
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from typing import Optional, TextIO
 
 from backfill.chunks import iter_chunks, reservoir, sample_chunks
 from backfill.spec import GRANULARITY_US, BackfillSpec, format_us
-from ingest.contract import Contract
+from ingest.contract import Contract, ContractError
 
 __all__ = ["make_target", "build_plan", "render_plan", "partitions", "mode_effect"]
 
@@ -68,6 +68,10 @@ def build_plan(contract: Contract, spec: BackfillSpec, first: int = 10, sample: 
     from apache_beam.io.filesystem import FileSystem  # noqa: F401  (glob syntax; imported before the clock starts)
 
     partner = contract.partner(spec.partner)
+    try:
+        spec.check_partitions(partner.table.name, partner.table.partition_granularity)
+    except ValueError as exc:
+        raise ContractError(str(exc)) from None
     t0 = time.monotonic()
     head, picked, count, total = reservoir(iter_chunks(spec.patterns), k=sample, keep_first=first)
     listed_s = time.monotonic() - t0

@@ -26,6 +26,7 @@ from backfill.chunks import Chunk, iter_chunks
 from backfill.ledger import Counts
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
+from backfill.summary import summary_line
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]
@@ -37,12 +38,6 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-def summary_line(c: Counts, extra: str = "") -> str:
-    ok = "OK" if c.reconciled else "MISMATCH"
-    return (f"{c.events_in:,} records in = {c.rows:,} rows + {c.dead_letters:,} dead letters + "
-            f"{c.duplicates:,} duplicates + {c.out_of_range:,} out of range{extra} -> {ok}")
 
 
 def _params(spec: BackfillSpec, target) -> dict:
@@ -114,6 +109,9 @@ class _Progress:
         progress.reset()
 
     def done(self, chunks: int, nbytes: int, events: int) -> None:
+        from ingest import progress
+
+        progress.reset()  # the wave's live count is now in _events_done
         self._events_done += events
         self._bytes_done += nbytes
         if self._enabled:
@@ -135,6 +133,10 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
         raise ContractError("--id: backfill run needs an id (it names the ledger entries and staging)")
     bid = spec.backfill_id
     partner = contract.partner(spec.partner)
+    try:
+        spec.check_partitions(partner.table.name, partner.table.partition_granularity)
+    except ValueError as exc:
+        raise ContractError(str(exc)) from None
     target = make_target(contract, bid)
     if hasattr(target, "ensure"):
         target.ensure()

@@ -99,6 +99,15 @@ class BackfillSpec(BaseModel):
             raise ValueError(f"--columns: {bad} are not settable flattened column names")
         return self
 
+    def check_partitions(self, table: str, granularity: str) -> None:
+        """``replace`` replaces whole partitions: ``--from``/``--to`` must start partitions of ``table``."""
+        if self.mode != "replace":
+            return
+        for flag, us in (("--from", self.start_us), ("--to", self.end_us)):
+            if us is not None and not is_aligned(us, granularity):
+                raise ValueError(f"{flag}: {format_us(us)} is not the start of a {granularity} partition of {table} "
+                                 "(replace works on whole partitions)")
+
     def in_range(self, event_time_us: int) -> bool:
         return ((self.start_us is None or event_time_us >= self.start_us)
                 and (self.end_us is None or event_time_us < self.end_us))

@@ -101,7 +101,8 @@ class BigQueryTarget:
         for t in self._partner_tables(self.wh.dataset, partner.table.name):
             ref = bq_merge.qident(self._ref(self.wh.dataset, t))
             rng = bq_merge.range_predicate("", spec.start_us, spec.end_us)
-            r = self._query(f"SELECT COUNT(*) AS n, COUNT(DISTINCT TIMESTAMP_TRUNC(_event_time, DAY)) AS p "
+            gran = partner.table.partition_granularity
+            r = self._query(f"SELECT COUNT(*) AS n, COUNT(DISTINCT TIMESTAMP_TRUNC(_event_time, {gran})) AS p "
                             f"FROM {ref} WHERE {rng}", "plan")[0]
             have = set(self._schema(self.wh.dataset, t).names())
             out[t] = {"rows_in_range": r["n"], "partitions_in_range": r["p"],

@@ -116,4 +116,5 @@ def hostile_lines(partner_good: dict) -> Iterator[bytes]:
     big["event"]["id"] = "acme-too-large"
     big["blob"] = "x" * 300_000
     yield orjson.dumps(big)
+    yield b"  "  # a blank line: dead letter empty_line (every line is accounted for)
     yield orjson.dumps(partner_good)  # an exact duplicate: deduplicated, not a second row

@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import orjson
 
+from flatten import jsonio
 from flatten.core import Flattener
 from flatten.infer import parse_timestamp
 from flatten.mask import Masker, canonical_bytes
@@ -121,7 +122,7 @@ class FastFlattener:
                     mask: bool = False) -> list:
         """The reference path: orjson + (mask_doc) + Flattener.flatten + orjson.dumps."""
         self.python_events += 1
-        doc = orjson.loads(payload)
+        doc = jsonio.loads(payload)  # (integers beyond 64 bits exact: the native parser declines those)
         if mask and self.masker is not None:
             doc = self.masker.mask_doc(doc)
         dumps = orjson.dumps

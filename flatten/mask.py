@@ -46,6 +46,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from flatten import jsonio
 from flatten.infer import JsonTextError, to_json_text
 from flatten.names import normalize_key
 from flatten.options import ColumnAnnotation, PiiPolicy
@@ -212,6 +213,15 @@ class Masker:
     def rules(self) -> tuple[MaskRule, ...]:
         """The compiled annotations (what the compiled accelerator matches with)."""
         return self._rules
+
+    def column_rule(self, column: str) -> Optional[MaskRule]:
+        """The strongest annotation a flattened column name matches (``accounts__number``; child-table columns
+        as ``<array path>__<column>``), by the same token rule as values; None when none does."""
+        if not self.has_rules:
+            return None
+        st = self._step(self._start, column)
+        done = [self._rules[r] for r, i in st.pos if i == len(self._pats[r])] if st is not None else []
+        return max(done, key=_rank) if done else None
 
     # ------------------------------------------------------------ matching
     def _closure(self, pos: set) -> frozenset:
@@ -399,14 +409,14 @@ class Masker:
         if not self.has_rules:
             return payload
         try:
-            doc = orjson.loads(payload)
+            doc = jsonio.loads(payload)
         except orjson.JSONDecodeError:
             return self.protect_unparsed(payload)
         if type(doc) is not dict:
             return self.protect_unparsed(payload)
         try:
-            return orjson.dumps(self.mask_doc(doc))
-        except orjson.JSONEncodeError:
+            return jsonio.dumps(self.mask_doc(doc))
+        except (orjson.JSONEncodeError, ValueError, RecursionError):
             return self.protect_unparsed(payload)
 
 

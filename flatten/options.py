@@ -5,6 +5,7 @@ partner contract; each field's docstring is the contract's documentation.
 """
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Optional
 
@@ -41,6 +42,20 @@ class ColumnAnnotation(_Frozen):
     )
     pii: PiiPolicy
     keep_last: int = Field(4, ge=0, le=16, description="redact: trailing characters kept.")
+    pattern: Optional[str] = Field(
+        None, description="Regular expression matching this field's RAW values (e.g. '\\d{3}-\\d{2}-\\d{4}'): "
+        "`headwater audit` reports any warehouse value, dead letter or log line it matches. Default: by the "
+        "path's name (ssn, email, card/pan, iban, phone ...); see docs/flatten.md.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"pattern {v!r} is not a regular expression: {exc}") from None
+        return v
 
     @field_validator("path")
     @classmethod

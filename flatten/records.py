@@ -125,6 +125,7 @@ class Reason:
     LATE = "late"
     SINK_REJECTED = "sink_rejected"
     BAD_FILE = "bad_file"
+    EMPTY_LINE = "empty_line"  #: a blank (or whitespace-only) line in a JSONL file: accounted for, not an event
 
 
 class DeadLetter(NamedTuple):

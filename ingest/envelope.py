@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 import orjson
 
+from flatten import jsonio
 from flatten.mask import Masker
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 
@@ -143,7 +144,7 @@ class EnvelopeParser:
               doc: Any = _MISSING, error_class: str = "EnvelopeError",
               event_time_us: Optional[int] = None, keep_payload: bool = True) -> DeadLetter:
         if doc is not _MISSING:
-            stored = orjson.dumps(doc)  # doc is already masked
+            stored = jsonio.dumps(doc)  # doc is already masked
         elif keep_payload:
             stored = self.masker.protect_unparsed(msg.payload)
         else:
@@ -179,7 +180,7 @@ class EnvelopeParser:
             return self._dead(msg, Reason.BAD_UTF8, f"payload is not valid UTF-8 at byte {exc.start}: {exc.reason}",
                               now_us, error_class="UnicodeDecodeError")
         try:
-            doc = orjson.loads(payload)
+            doc = jsonio.loads(payload)  # integers beyond 64 bits stay exact
         except orjson.JSONDecodeError as exc:
             text = str(exc)
             if "recursion" in text.lower() or "depth limit" in text.lower():
@@ -224,4 +225,4 @@ class EnvelopeParser:
             return self._dead(msg, Reason.MISSING_EVENT_ID, f"event id at {env.event_id!r} is missing or not a scalar",
                               now_us, doc=doc, event_time_us=event_time_us)
         return Event(partner=msg.partner, event_id=str(event_id), user_id=str(user), event_time_us=event_time_us,
-                     coords=msg.coords, source=msg.source, doc=orjson.dumps(doc))
+                     coords=msg.coords, source=msg.source, doc=jsonio.dumps(doc))

@@ -86,7 +86,10 @@ class _ReadFileFn(beam.DoFn):
                                      f"line is {size} bytes, limit max_payload_bytes={self._max}")
                     continue
                 if not line.strip():
+                    # every line is accounted for: a blank line is a dead letter (and in the reconciliation)
                     self._blank.inc()
+                    yield self._dead(f"file:{path}:{lineno}", Reason.EMPTY_LINE, "EmptyLine",
+                                     f"line {lineno} is empty ({len(line)} whitespace bytes)")
                     continue
                 self._lines.inc()
                 yield RawMessage(self._partner, "file", f"file:{path}:{lineno}", line, b"{}", mtime_us)

@@ -34,13 +34,17 @@ _LOG = logging.getLogger(__name__)
 
 
 class HeadwaterOutputs(NamedTuple):
-    rows: PCollection  # TableRow
+    rows: PCollection  # TableRow; bounded jobs on DuckDB: list[TableRow] (one per batch)
     aggregates: PCollection  # AggregateRow
     dead_letters: PCollection  # DeadLetter
 
 
 def _never(_element) -> bool:
     return False
+
+
+def _identity(batch):
+    return batch
 
 
 class HeadwaterPipeline(beam.PTransform):
@@ -62,6 +66,8 @@ class HeadwaterPipeline(beam.PTransform):
 
     def expand(self, pbegin) -> HeadwaterOutputs:
         contract = self._contract
+        if not contract.streaming:
+            return self._expand_bounded(pbegin)
         messages: list[PCollection] = []
         dead: list[PCollection] = []
         labels = []
@@ -97,6 +103,20 @@ class HeadwaterPipeline(beam.PTransform):
             aggregates = flat.aggregate_inputs | "NoAggregates" >> beam.Filter(_never)
         dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
         return HeadwaterOutputs(rows=flat.rows, aggregates=aggregates, dead_letters=dead_letters)
+
+    def _expand_bounded(self, pbegin) -> HeadwaterOutputs:
+        """Only file sources: the batched bounded job (``ingest.bounded``: batches through parse, mask, envelope
+        and flatten, dedup in shard groups, aggregates as a lifted combine with one final row per key and window).
+        Its ``rows`` are lists of TableRow (one per batch) for DuckDB, single TableRows for BigQuery."""
+        from ingest.bounded import BoundedHeadwater
+
+        duck = self._contract.warehouse.kind == "duckdb"
+        rows, aggregates, dead_letters = pbegin | "Bounded" >> BoundedHeadwater(
+            self._contract, self._overrides, self._require, keep_rows=not duck)
+        self._overrides = {}
+        if not duck:
+            rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)
+        return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
 
 
 class WriteWarehouse(beam.PTransform):

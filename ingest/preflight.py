@@ -1,6 +1,8 @@
 """Launch-time checks that need more than the contract's own types (files, keys, cross-partner names).
 
 ``preflight(contract)`` raises :class:`ContractError` naming the partner and the field.
+With ``check_sources`` (default) live sources are checked too (``ingest.live_check``: broker
+reachable, topics present, Pub/Sub endpoint/credentials, subscription present or creatable).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from ingest.contract import Contract, ContractError, FileSource
 __all__ = ["preflight"]
 
 
-def preflight(contract: Contract, check_files: bool = True) -> None:
+def preflight(contract: Contract, check_files: bool = True, check_sources: bool = True,
+              create_subscriptions: bool = True) -> None:
     errors: list[str] = []
     m = contract.masking
     needs_key = any(p.columns for p in contract.partners)
@@ -41,5 +44,9 @@ def preflight(contract: Contract, check_files: bool = True) -> None:
             if check_files and isinstance(s, FileSource) and "://" not in s.pattern:
                 if not glob.glob(os.path.expanduser(s.pattern)):
                     errors.append(f"partner {p.name!r}: sources[{k}].pattern: no file matches {s.pattern!r}")
+    if check_sources:
+        from ingest.live_check import check_live_sources
+
+        errors += check_live_sources(contract, create_subscriptions=create_subscriptions)
     if errors:
         raise ContractError("contract: " + f"{len(errors)} error(s)\n  " + "\n  ".join(errors))

@@ -2,41 +2,34 @@
 
 Beam metrics are only complete when the job ends; these are best-effort live
 figures, incremented by DoFns running in this process (they stay 0 on remote
-workers). Not used for correctness anywhere.
+workers). Not used for correctness anywhere. Stored in :mod:`flatten.live`
+with the sinks' and the aggregate step's live counters (``headwater run``'s status line).
 """
 from __future__ import annotations
 
-import threading
+from flatten import live
 
 __all__ = ["count_parsed", "count_duplicate", "parsed", "duplicates", "reset"]
 
-_lock = threading.Lock()
-_parsed = 0
-_dups = 0
+EVENTS_IN = "events_in"
+DUPLICATES = "duplicates"
 
 
 def count_parsed(n: int = 1) -> None:
-    global _parsed
-    with _lock:
-        _parsed += n
+    live.inc(EVENTS_IN, n)
 
 
 def count_duplicate(n: int = 1) -> None:
-    global _dups
-    with _lock:
-        _dups += n
+    live.inc(DUPLICATES, n)
 
 
 def parsed() -> int:
-    return _parsed
+    return live.value(EVENTS_IN)
 
 
 def duplicates() -> int:
-    return _dups
+    return live.value(DUPLICATES)
 
 
 def reset() -> None:
-    global _parsed, _dups
-    with _lock:
-        _parsed = 0
-        _dups = 0
+    live.reset()

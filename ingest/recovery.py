@@ -171,8 +171,8 @@ def prepare_recovery(contract, dedup_window_s: float = 86_400.0) -> Recovery:
     warehouse reader reads both) and the dedup seed reads the event ids through the same client.
     """
     live = [p for p in contract.partners if any(s.kind in ("kafka", "pubsub") for s in p.sources)]
-    if not live:
-        return Recovery(None, None, 0)
+    if not live or (contract.warehouse.kind == "duckdb" and not os.path.exists(contract.warehouse.path)):
+        return Recovery(None, None, 0)  # nothing durable yet: a first start
     started = time.monotonic()
     folder = tempfile.mkdtemp(prefix="headwater-recovery-")
     if contract.warehouse.kind == "duckdb":

@@ -39,6 +39,7 @@ import orjson
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.display import DisplayDataItem
 
+from flatten import live
 from flatten.options import SchemaMode
 from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
 from sinks import bq_rows, ledger
@@ -75,8 +76,9 @@ class _WriteBatchFn(beam.DoFn):
         self._tables = dict(tables)
         self._modes = dict(modes)
         self._method = method
-        self._written = Metrics.counter("headwater", f"bigquery_{kind}_written")
-        self._rejected = Metrics.counter("headwater", "dead_letters_bigquery")
+        # mirrored into flatten.live for the status line of `headwater run` (same increments)
+        self._written = live.mirror(Metrics.counter("headwater", f"bigquery_{kind}_written"), f"{kind}_written")
+        self._rejected = live.mirror(Metrics.counter("headwater", "dead_letters_bigquery"), "dead_letters_written")
         self._retries = Metrics.counter("headwater", "bigquery_transient_retries")
         self._schema_updates = Metrics.counter("headwater", "bigquery_schema_updates")
 

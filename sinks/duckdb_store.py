@@ -173,8 +173,24 @@ class DuckDBWarehouse:
         start = schema
         dead: list[DeadLetter] = []
         ready: list[dict] = []
+        types_of: dict[bytes, dict] = {}  # rows of a table mostly share their types' bytes: decode each once
+        # Types that fit the schema as is (reconcile's fast path). Columns are only ever added, so a fit
+        # stays a fit for the rest of the batch: those rows skip reconcile (same result, it returns them as is).
+        fits: set[bytes] = set()
+        loads = orjson.loads
         for r in batch:
-            rec = reconcile(schema, orjson.loads(r.row), orjson.loads(r.types), mode)
+            if r.types in fits:
+                cols = loads(r.row)
+                cols["_row_id"] = r.row_id
+                ready.append(cols)
+                continue
+            types = types_of.get(r.types)
+            if types is None:
+                types = types_of[r.types] = loads(r.types)
+            row = loads(r.row)
+            rec = reconcile(schema, row, types, mode)
+            if rec.columns is row and rec.schema is schema and not rec.conflicts:
+                fits.add(r.types)
             if rec.conflicts and mode == SchemaMode.FREEZE:
                 c = rec.conflicts[0]
                 more = f" (+{len(rec.conflicts) - 1} more)" if len(rec.conflicts) > 1 else ""
@@ -203,7 +219,8 @@ class DuckDBWarehouse:
         read_types = {c.name: duck_type(c, for_read=True) for c in cols}
 
         def insert(lines: list[dict], order_by: Optional[str] = None) -> None:
-            _bulk_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by)
+            if not _arrow_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by):
+                _bulk_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by)
 
         try:
             insert(recs, order_by="_partition")
@@ -240,7 +257,7 @@ class DuckDBWarehouse:
                          "message": d.message, "step": d.step, "event_time": d.event_time_us,
                          "processing_time": d.processing_time_us})
         if recs:
-            self._with_conn(lambda con: _bulk_insert(
+            self._with_conn(lambda con: _insert_any(
                 con, self.spec.dead_letter_table, recs,
                 {"id": "VARCHAR", "partner": "VARCHAR", "source": "VARCHAR", "coords": "VARCHAR",
                  "payload": "VARCHAR", "payload_preview": "VARCHAR", "payload_ref": "VARCHAR",
@@ -255,13 +272,18 @@ class DuckDBWarehouse:
                  "metrics": a.metrics.decode(), "watermark": a.watermark_us, "version": a.version,
                  "emitted_at": a.emitted_us, "final": a.final} for a in aggs]
         if recs:
-            self._with_conn(lambda con: _bulk_insert(
+            self._with_conn(lambda con: _insert_any(
                 con, self.spec.aggregates_table, recs,
                 {"partner": "VARCHAR", "aggregate": "VARCHAR", "key": "VARCHAR", "window": "VARCHAR",
                  "metrics": "VARCHAR", "watermark": "BIGINT", "version": "BIGINT", "emitted_at": "BIGINT",
                  "final": "BOOLEAN"},
                 {"watermark": "make_timestamp(watermark)", "emitted_at": "make_timestamp(emitted_at)"}))
         return len(recs)
+
+
+def _insert_any(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str]) -> None:
+    if not _arrow_insert(con, table, recs, read_types, exprs):
+        _bulk_insert(con, table, recs, read_types, exprs)
 
 
 def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str],
@@ -285,6 +307,54 @@ def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], 
                     f"maximum_object_size=134217728){order}")
     finally:
         os.unlink(tmp)
+
+
+#: DuckDB read types that travel as native Arrow arrays; the others (TIMESTAMP, DATE, DECIMAL...) travel as
+#: text and are CAST in SQL, the same string-to-type conversion read_json applies to JSON strings.
+_ARROW_NATIVE = {"BIGINT": "int64", "DOUBLE": "float64", "BOOLEAN": "bool_", "VARCHAR": "string"}
+_ARROW_CAST = ("TIMESTAMP", "DATE", "DECIMAL(38,9)")
+
+
+def _arrow_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str],
+                  extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None) -> bool:
+    """``_bulk_insert`` through an Arrow table instead of NDJSON text: same statement, same conversions
+    (``tests/sinks/test_duckdb_arrow.py`` compares the two on every column type). Returns False, having
+    written nothing, when a column's type or a value does not map exactly (BLOB columns, a non-string in
+    a text column, an int beyond INT64...): the caller then uses the NDJSON path, which decides."""
+    import pyarrow as pa
+
+    arrays = []
+    casts = []
+    for name, t in read_types.items():
+        base, rep = (t[:-2], True) if t.endswith("[]") else (t, False)
+        if base in _ARROW_NATIVE:
+            at = getattr(pa, _ARROW_NATIVE[base])()
+            cast = None
+        elif base in _ARROW_CAST:
+            at = pa.string()
+            cast = t
+        else:
+            return False
+        if rep:
+            at = pa.list_(at)
+        try:
+            arrays.append(pa.array([r.get(name) for r in recs], type=at))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            return False
+        casts.append(f"CAST({_q(name)} AS {cast}) AS {_q(name)}" if cast else _q(name))
+    extra = extra or {}
+    names = list(read_types) + list(extra)
+    select = ", ".join(f"{exprs.get(n) or extra.get(n) or _q(n)} AS {_q(n)}" for n in names)
+    order = f" ORDER BY {_q(order_by)}" if order_by else ""
+    arrow = pa.Table.from_arrays(arrays, names=list(read_types))  # noqa: F841 - read by name in the SQL below
+    view = "_hw_arrow_batch"
+    con.register(view, arrow)
+    try:
+        con.execute(f"INSERT OR IGNORE INTO {_q(table)} ({', '.join(_q(n) for n in names)}) SELECT {select} "
+                    f"FROM (SELECT {', '.join(casts)} FROM {view}){order}")
+    finally:
+        con.unregister(view)
+    return True
 
 
 def _ts(us: Optional[int]) -> Optional[datetime]:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import orjson
-from datasketch import HyperLogLog
+
+if TYPE_CHECKING:
+    from datasketch import HyperLogLog
 
 __all__ = ["new_acc", "add", "merge", "result", "numeric", "fits", "hll_relative_error", "TypeConflict"]
 
@@ -85,7 +87,11 @@ def _dkey(v: Any) -> str:
     return orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _hll_from(acc: list, p: int) -> HyperLogLog:
+def _hll_from(acc: list, p: int) -> "HyperLogLog":
+    # Imported here: datasketch's package import pulls in scipy (about 3 s per worker process start),
+    # and most keys never leave the exact set.
+    from datasketch.hyperloglog import HyperLogLog
+
     if acc[0] == "h":
         reg = np.frombuffer(base64.b64decode(acc[1]), dtype=np.int8).copy()
         return HyperLogLog(p=p, reg=reg)
@@ -95,7 +101,7 @@ def _hll_from(acc: list, p: int) -> HyperLogLog:
     return h
 
 
-def _hll_acc(h: HyperLogLog) -> list:
+def _hll_acc(h: "HyperLogLog") -> list:
     return ["h", base64.b64encode(h.reg.tobytes()).decode()]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import orjson
@@ -26,8 +26,11 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from flatten import live
 from flatten.records import AggregateInput, AggregateRow, DeadLetter, Reason
 from state import aggregate as A
+from state import combine as C
+from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
 
 __all__ = ["ComputeAggregates", "AggregateOutputs", "MANIFEST"]
@@ -41,8 +44,7 @@ AGG_LABEL = "AggregatePerKey"
 #: Dataflow matches state by. Named for its role, never after the DoFn class (was ``ParDo(_StreamingAggregateFn)``;
 #: deploy/manifest/name_mapping.json maps the old name).
 STATE_LABEL = "PerKeyState"
-FOLD_LABEL = "FoldPerKey"  # bounded input after GROUP_LABEL
-GROUP_LABEL = "GroupByAggregateKey"  # bounded input only (batch jobs are never updated in place)
+CHECK_LABEL = "CheckAggregateInputs"  # bounded input only (batch jobs are never updated in place)
 AGGREGATES_TAG = "aggregates"
 DEAD_LETTER_TAG = "dead_letter"
 
@@ -113,6 +115,9 @@ class _AggregateCore(beam.DoFn):
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
         self._rows = Metrics.counter("headwater.state", "rows_emitted")
         self._dropped = Metrics.counter("headwater.state", "removed_aggregate_keys_dropped")
+        # keys holding state = created - expired (per worker; the status line of `headwater run`)
+        self._keys_created = live.mirror(Metrics.counter("headwater", "state_keys_created"), "state_keys_created")
+        self._keys_expired = live.mirror(Metrics.counter("headwater", "state_keys_expired"), "state_keys_expired")
 
     def _now_us(self) -> int:
         return int(self._clock() * 1_000_000)
@@ -178,6 +183,7 @@ class _AggregateCore(beam.DoFn):
             yield dead
             return
         st = self._load(cell)
+        new_key = st is None
         before = (None, None, None) if st is None else (st.close_at, st.ttl_at, st.probe_at)
         if st is None and self._seed is not None:  # first touch after a restart: resume from the warehouse
             seeded = self._seed.take(element[0])
@@ -189,6 +195,8 @@ class _AggregateCore(beam.DoFn):
             return  # state untouched
         self._sync(st, before, plan, timers)
         cell.write(st.to_bytes())
+        if new_key:
+            self._keys_created.inc()
 
     def _timer(self, which: str, key: AggKey, ts: Timestamp, cell, timers: tuple) -> Iterator[AggregateRow]:
         st = self._load(cell)
@@ -225,6 +233,7 @@ class _AggregateCore(beam.DoFn):
             cell.clear()
             for t in timers:
                 t.clear()
+            self._keys_expired.inc()
         else:
             self._sync(st, tuple(before), plan, timers)
             cell.write(st.to_bytes())
@@ -303,33 +312,21 @@ class _BoundedAggregateFn(_AggregateCore):
         yield from self._timer("ttl", key, ts, cell, (_NO_TIMER, c, t, _NO_TIMER))
 
 
-class _FoldGroupedFn(_AggregateCore):
-    """Bounded input, after a GroupByKey: the same pure ``step``/``expire`` as the stateful variants,
-    folded over all of a key's events at once.
+class _CheckInputsFn(_AggregateCore):
+    """Bounded input, before the combine: every input is checked once (unknown aggregate, malformed
+    values, type conflicts -> dead letters, as the stateful variants report them) and passed on as
+    ``(key, (event_time_us, event_id, values))`` for ``state.bounded.FinalAggregates``. Nothing is
+    late in a bounded input (the watermark stays at -inf until all input is read)."""
 
-    Identical results to ``_BoundedAggregateFn`` (every event is in before any timer fires, and the
-    one TTL firing's catch-up emits the close rows), but without the runner's per-element state
-    round trip and per-key timer, which dominated backfills on the local runner (docs/state.md:
-    ~215 events/s through the stateful DoFn; see bench/state_bench.py for this path's figure).
-    Events are folded in (event time, event id) order so ties resolve the same way every run.
-    """
-
-    def process(self, element: tuple[AggKey, Iterable[AggregateInput]]) -> Iterator:
-        key, inputs = element
-        plan = self._plans.get((key[0], key[1]))
-        st: Optional[A.AggState] = None
-        for inp in sorted(inputs, key=_event_order):
-            _, values, dead = self._decode(inp)
-            if dead is not None:
-                yield dead
-                continue
-            st, rejections = A.step(st, A.Event(inp.event_time_us, inp.event_id, values), plan)
-            for r in rejections:
-                yield self._dead(inp, r.reason, "LateEvent" if r.reason == Reason.LATE else "TypeConflict", r.message)
-        if st is None or plan is None:
+    def process(self, element: tuple[AggKey, AggregateInput]) -> Iterator:
+        key, inp = element
+        plan, values, dead = self._decode(inp)
+        if dead is not None:
+            yield dead
             return
-        final, rows = A.expire(st, plan, st.ttl_at if st.ttl_at is not None else _MAX_US)
-        yield from self._out(key, rows)
+        for r in C.conflicts(values, plan):
+            yield self._dead(inp, r.reason, "TypeConflict", r.message)
+        yield key, (inp.event_time_us, inp.event_id, values)
 
 
 def _typed(fn: beam.DoFn, label: str) -> beam.PTransform:
@@ -337,10 +334,6 @@ def _typed(fn: beam.DoFn, label: str) -> beam.PTransform:
     pardo = beam.ParDo(fn).with_output_types(AggregateRow, **{DEAD_LETTER_TAG: DeadLetter})
     pardo.label = label
     return pardo.with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG)
-
-
-def _event_order(inp: AggregateInput) -> tuple[int, str]:
-    return inp.event_time_us, inp.event_id
 
 
 def _key_of(inp: AggregateInput) -> tuple[AggKey, AggregateInput]:
@@ -354,9 +347,10 @@ class ComputeAggregates(beam.PTransform):
     ``specs`` maps ``(partner, aggregate name)`` to its :class:`AggregateSpec`.
     ``clock`` (seconds since the epoch) only sets processing-time timers and
     ``emitted_us``/``processing_time_us``; it never influences values or versions.
-    ``fold_bounded`` (default): bounded input is grouped by key and folded with the same pure
-    functions (``_FoldGroupedFn``) instead of the stateful DoFn; False keeps the stateful
-    variant for bounded input too (tests compare the two).
+    ``fold_bounded`` (default): bounded input is checked once per input (dead letters) and combined
+    per key with lifted partial merges (``state.bounded.FinalAggregates``), emitting one final row per
+    (key, window); False keeps the stateful variant for bounded input too, with its close panes
+    (tests compare the final rows of the two).
     ``streaming``: None picks the variant from the input (unbounded: processing-time
     cadence + watermark probe; bounded: neither); True/False forces it.
     """
@@ -387,10 +381,11 @@ class ComputeAggregates(beam.PTransform):
             outs = keyed | AGG_LABEL >> _typed(
                 fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed), STATE_LABEL)
         else:
-            outs = (keyed
-                    | GROUP_LABEL >> beam.GroupByKey()
-                    | AGG_LABEL >> _typed(_FoldGroupedFn(self._specs, f"{self.label}/{AGG_LABEL}", self._clock),
-                                          FOLD_LABEL))
+            checked = keyed | CHECK_LABEL >> beam.ParDo(
+                _CheckInputsFn(self._specs, f"{self.label}/{AGG_LABEL}", self._clock)
+            ).with_output_types(Tuple[AggKey, Tuple[int, str, Any]], **{DEAD_LETTER_TAG: DeadLetter}).with_outputs(DEAD_LETTER_TAG, main=AGGREGATES_TAG)
+            rows = checked[AGGREGATES_TAG] | AGG_LABEL >> FinalAggregates(self._specs, clock=self._clock)
+            return AggregateOutputs(aggregates=rows, dead_letter=checked[DEAD_LETTER_TAG])
         return AggregateOutputs(
             aggregates=outs[AGGREGATES_TAG],
             dead_letter=outs[DEAD_LETTER_TAG])

@@ -13,3 +13,62 @@ def _local_state_cache():
 
     _configure_local_state_cache([])
     yield
+
+
+# -- no runner process outlives the test session ----------------------------------------------------
+# Every process this session starts (jobs, Prism's supervisor, Prism) inherits this marker, so the
+# check below finds exactly ours in the process table, whoever else runs Prism on the machine.
+SESSION_MARKER = "HEADWATER_TEST_SESSION"
+os.environ.setdefault(SESSION_MARKER, os.urandom(8).hex())
+
+
+def runner_processes(marker_value: str, marker: str = SESSION_MARKER) -> list[tuple[int, str]]:
+    """(pid, command line) of live Prism processes (or their supervisors) whose environment holds
+    ``marker=marker_value``: read from /proc, not from what the code believes it stopped."""
+    found = []
+    want = f"{marker}={marker_value}".encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            if "prism" not in cmd:
+                continue
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                if fh.read().split(b") ", 1)[1][:1] == b"Z":
+                    continue  # a zombie holds nothing; its parent reaps it
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if want in fh.read().split(b"\0"):
+                    found.append((int(pid), cmd.strip()))
+        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+            continue
+    return found
+
+
+def wait_no_runner(marker_value: str, timeout_s: float = 20.0, marker: str = SESSION_MARKER) -> list:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    left = runner_processes(marker_value, marker)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = runner_processes(marker_value, marker)
+    return left
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if a Prism process it started is still running (checked in the process table)."""
+    try:
+        from ingest.runner import stop_local_runners
+
+        stop_local_runners()  # the in-process jobs' runner (Beam keeps one Prism per process until exit)
+    except Exception:  # noqa: BLE001 - the check below is what matters
+        pass
+    left = wait_no_runner(os.environ[SESSION_MARKER])
+    if left:
+        import sys
+
+        sys.stderr.write(f"\nheadwater: {len(left)} runner process(es) started by this test session are still "
+                         f"running: {left}\n")
+        session.exitstatus = 1

@@ -2,7 +2,7 @@
 //!
 //! Parsing mirrors what `orjson.loads` produces for the documents we accept:
 //! * duplicate keys: first position, last value (a Python dict);
-//! * integers in i64/u64 exactly, larger ones as floats (as orjson);
+//! * integers in i64/u64 exactly; larger ones decline (Python keeps them exact, `flatten.jsonio`);
 //! * `-0` is an int 0 in orjson, so any negative zero is rejected;
 //! * non-finite numbers, lone surrogates, invalid UTF-8 and nesting beyond
 //!   128 levels are rejected.
@@ -351,8 +351,8 @@ impl<'a> Parser<'a> {
             };
             let mag = match mag {
                 Some(m) if !(neg && m > 1u64 << 63) => m,
-                // beyond i64/u64: orjson reads a float (correctly rounded, as Rust's parse)
-                _ => return Some(V::Float(self.s[start..i].parse().ok()?)).filter(|v| matches!(v, V::Float(f) if f.is_finite())),
+                // beyond i64/u64: decline (Python keeps such integers exact: flatten.jsonio)
+                _ => return None,
             };
             return if neg {
                 if mag == 0 {

@@ -143,3 +143,35 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert again.returncode == 0 and "already applied" in again.stdout, again.stdout + again.stderr
     assert _dump(db) == before
     assert not list(tmp_path.glob("*.backfill-*.duckdb")), "staging files are removed after the apply"
+
+
+def test_sigterm_stops_cleanly_and_says_what_finished(tmp_path):
+    data = tmp_path / "history"
+    _write_chunks(data, n_chunks=8)
+    cfg = _config(tmp_path, "stopped")
+    db = tmp_path / "stopped.duckdb"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(_cli(cfg, data, "--wave-chunks", "1"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if db.exists() and _ledger(db, "resume_me").get("chunk", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out + err
+    staged = _ledger(db, "resume_me")["chunk"]
+    assert f"stopped by SIGTERM: {staged} chunks staged" in out, out + err
+    assert "Rerun with --id resume_me to resume" in out and "Traceback" not in err, err
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"  # anything started for this run would name its config
+    done = subprocess.run(_cli(cfg, data), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "-> OK" in done.stdout, done.stdout + done.stderr
+    assert _ledger(db, "resume_me")["chunk"] == 8

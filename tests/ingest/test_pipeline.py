@@ -146,5 +146,26 @@ def test_file_sources_jsonl_gzip_avro_and_corrupt_files(tmp_path):
     db = tmp_path / "wh.duckdb"
     assert query(db, "SELECT count(*) FROM acme_events")[0][0] == 14
     reasons = dict(query(db, "SELECT reason, count(*) FROM dead_letters GROUP BY 1"))
-    assert reasons == {"malformed_json": 1, "bad_file": 1}
+    assert reasons == {"malformed_json": 1, "bad_file": 1, "empty_line": 1}
+    assert query(db, "SELECT coords FROM dead_letters WHERE reason = 'empty_line'")[0][0].endswith("a.jsonl:6")
     assert query(db, "SELECT coords FROM dead_letters WHERE reason = 'bad_file'")[0][0].endswith("d.jsonl.gz")
+
+
+def test_integers_beyond_int64_keep_their_digits(tmp_path):
+    """2**70 is NUMERIC (DECIMAL(38,9) here, NUMERIC in BigQuery), exact; beyond NUMERIC's 29 digits a STRING."""
+    c = contract_for(tmp_path, aggregates=False)
+    payloads = [json.dumps({"id": f"b{i}", "ts": "2026-03-01T10:00:00Z", "user": {"id": "u1"}, "big": v,
+                            "bigs": [v, 1], "nested": {"n": v}}).encode()
+                for i, v in enumerate([2**70, -(2**70), 2**64, 10**30 + 7])]
+    run(c, msgs(payloads))
+    db = tmp_path / "wh.duckdb"
+    got = dict(query(db, "SELECT _event_id, CAST(big AS VARCHAR) FROM acme_events WHERE _event_id < 'b3'"))
+    assert {k: int(v.split(".")[0]) for k, v in got.items()} == {"b0": 2**70, "b1": -(2**70), "b2": 2**64}
+    types = dict(query(db, "SELECT column_name, data_type FROM information_schema.columns "
+                           "WHERE table_name = 'acme_events'"))
+    assert types["big"].startswith("DECIMAL") and types["nested__n"].startswith("DECIMAL")
+    assert int(query(db, "SELECT CAST(nested__n AS VARCHAR) FROM acme_events WHERE _event_id = 'b0'")[0][0]
+               .split(".")[0]) == 2**70
+    # beyond 10^29: kept as decimal text (evolve mode: the variant column of the NUMERIC column)
+    row = query(db, "SELECT * FROM acme_events WHERE _event_id = 'b3'")
+    assert str(10**30 + 7) in str(row)

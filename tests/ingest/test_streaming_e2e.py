@@ -82,8 +82,10 @@ def _ensure_sources(contract: Contract) -> None:
 
 
 def _launch(contract_path: Path, log: Path) -> subprocess.Popen:
+    # PYTHONPATH: the job imports this checkout's packages (a script's sys.path starts at its own folder)
+    env = {**os.environ, **JOB_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, str(JOB), str(contract_path)], cwd=ROOT, start_new_session=True,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **JOB_ENV})
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
 
 
 def _kill(proc: subprocess.Popen) -> None:

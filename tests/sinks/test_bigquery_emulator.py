@@ -154,3 +154,33 @@ def test_sink_rejected_rows_are_dead_lettered(cloud_services, method):
     dead = _query(client, f"SELECT coords, reason, payload FROM `{ref}.dead_letters`")
     assert [(d["coords"], d["reason"]) for d in dead] == [("bigquery:acme_events/r5", "sink_rejected")]
     assert orjson.loads(dead[0]["payload"])["n"] == "not-a-number"
+
+
+@pytest.mark.parametrize("method", ["file_loads", "streaming_inserts"])
+def test_integers_beyond_int64_round_trip(cloud_services, method):
+    """2**70 is NUMERIC in BigQuery as in DuckDB (tests/ingest/test_pipeline.py): its digits come back exact."""
+    from flatten.fast import FastFlattener
+    from flatten.options import FlattenOptions
+
+    dataset = unique_id("hw_big")
+    wh = WarehouseSpec(kind="bigquery", project="headwater-local", dataset=dataset, endpoint=cloud_services.bigquery,
+                       bigquery={"method": method, **_FAST})
+    ff = FastFlattener(FlattenOptions())
+    rows = []
+    for i, v in enumerate([2**70, -(2**70), 2**64, 12345678901234567890123456789]):
+        payload = f'{{"big": {v}, "nested": {{"n": {v}}}}}'.encode()
+        for table, rid, cols, types in ff.rows(payload, f"e{i}", "u", 1772359200000000):
+            rows.append(TableRow("acme", "acme_events", rid, f"e{i}", 1772359200000000, cols, types))
+    assert all(orjson.loads(r.types)["big"] == "NUMERIC" for r in rows)
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        _ = ({"rows": p | "Rows" >> beam.Create(rows), "aggregates": p | "Aggs" >> beam.Create([]),
+              "dead_letters": p | "Dead" >> beam.Create([])}
+             | "WriteBigQuery" >> WriteToBigQueryWarehouse(wh, {"acme": TableSpec(name="acme_events")}))
+    client = make_client(wh)
+    t = client.get_table(f"headwater-local.{dataset}.acme_events", retry=None)
+    assert {f.name: f.field_type for f in t.schema}["big"] == "NUMERIC"
+    got = _query(client, f"SELECT _event_id, CAST(big AS STRING) AS big, CAST(nested__n AS STRING) AS n "
+                         f"FROM `headwater-local.{dataset}.acme_events` ORDER BY _event_id")
+    want = [2**70, -(2**70), 2**64, 12345678901234567890123456789]
+    assert [(r["_event_id"], int(r["big"].split(".")[0]), int(r["n"].split(".")[0])) for r in got] == \
+        [(f"e{i}", v, v) for i, v in enumerate(want)]

@@ -42,7 +42,11 @@ AGGS = [
 
 
 def contract_for(warehouse: dict, modes=("evolve", "freeze")) -> object:
-    return parse_contract({
+    return parse_contract(raw_contract(warehouse, modes))
+
+
+def raw_contract(warehouse: dict, modes=("evolve", "freeze")) -> dict:
+    return ({
         "warehouse": warehouse,
         "masking": {"allow_dev_key": True},
         "partners": [{
@@ -54,6 +58,11 @@ def contract_for(warehouse: dict, modes=("evolve", "freeze")) -> object:
             "aggregates": AGGS,
         } for name, mode in zip(("evo", "frz"), modes)],
     })
+
+
+def write_warehouse(contract, evs) -> None:
+    """Run the whole pipeline (FnApiRunner) over ``evs`` for both partners into the contract's warehouse."""
+    _write(contract, evs)
 
 
 def events(n: int = 120) -> list[dict]:

@@ -1,0 +1,341 @@
+"""The bounded (batch) job in batches: files -> row batches, dead letters and final aggregates.
+
+    Read_<partner>_file_<n> (file -> batches of RawMessage)       Batch_<label> for in-memory overrides
+      -> AllMessages -> ProcessBatches (parse + mask + envelope + flatten, one DoFn call per batch)
+           rows: list[TableRow] per batch  -> the warehouse (written in the same fused stage)
+           dedup: (shard, (partner, [Entry]))  -> DedupEvents (GroupByKey on the event-id shard)
+               -> FoldShards (drop repeated (partner, event id), count them, fold each kept event into
+                  per-key partial aggregates; type conflicts -> dead letters)
+               -> ComputeAggregates/AggregatePerKey (state.bounded.FinalAggregates: lifted merge,
+                  one final row per (key, window))
+           dead_letter: DeadLetter
+
+Why this shape (bench/README.md has the figures): Beam's per-element cost is paid per batch, not per
+record and step; the documents never cross a shuffle (the local batch runner holds everything that
+crosses one in memory, so only the compact per-event dedup entries and the per-key partials do);
+dedup needs no per-event state cell (the shard group holds a set).
+
+Duplicates: the first occurrence of a (partner, event id) in a shard group is kept for the aggregates
+and counted once; rows need no dedup on DuckDB, whose writes are ``INSERT OR IGNORE`` by the
+deterministic ``_row_id`` (a repeated event has the same row ids). For BigQuery, whose bounded writes
+append, the rows travel with the dedup entries and only the kept copy's rows are written
+(``keep_rows``). When two *different* payloads share an event id (not a redelivery: a partner bug)
+the copy kept is the one whose entry sorts first, and on DuckDB the rows are those written first;
+the per-element pipeline kept whichever arrived first, so neither was deterministic before.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import time
+import zlib
+from typing import Iterator, Mapping
+
+import apache_beam as beam
+import orjson
+from apache_beam.io import fileio
+from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
+
+from flatten.records import DeadLetter, RawMessage, Reason
+from ingest import progress
+from ingest.batch import BatchProcessor, metric_columns
+from ingest.contract import Contract, FileSource
+from ingest.file_source import DEAD_LETTER_TAG, _ReadFileFn
+from ingest.sources import source_labels
+from state import aggregate as A
+from state import combine as C
+from state.bounded import FinalAggregates
+from state.spec import AggregateSpec
+
+__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS"]
+
+#: Records per batch: large enough that Beam's per-element cost (~10-30 us) is noise, small enough
+#: that a batch's rows stay a few MB.
+BATCH_SIZE = 1000
+#: Dedup groups. Each holds the ids of ~1/DEDUP_SHARDS of the events at once; on Dataflow they are
+#: also the fold's parallelism.
+DEDUP_SHARDS = 16
+DEDUP_TAG = "dedup"
+ROWS_TAG = "rows"
+AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
+
+
+class MessageBatch(list):
+    """A list of RawMessage: one element of the bounded job's message stream."""
+
+
+class RowBatch(list):
+    """A list of TableRow: one element of the bounded job's row stream (the DuckDB sink takes lists)."""
+
+
+class _BatchCoder(beam.coders.Coder):
+    """Pickle for a batch that crosses a stage boundary (they are built to stay inside one), and a size
+    estimate that does not encode it: Beam samples elements for its size counters, and encoding a whole
+    batch per sample cost ~3 % of the job (bench/README.md, profile)."""
+
+    def _create_impl(self):
+        return beam.coders.coder_impl.CallbackCoderImpl(
+            lambda x: pickle.dumps(list(x), pickle.HIGHEST_PROTOCOL), pickle.loads, size_estimator=_batch_size)
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return list
+
+
+def _batch_size(batch) -> int:
+    return 512 * len(batch)
+
+
+beam.coders.registry.register_coder(MessageBatch, _BatchCoder)
+beam.coders.registry.register_coder(RowBatch, _BatchCoder)
+
+
+class _ReadFileBatchesFn(_ReadFileFn):
+    """``ReadPartnerFiles``' reader, its records grouped into lists of up to ``batch`` RawMessages."""
+
+    def __init__(self, partner: str, fmt: str, max_line_bytes: int, step: str, batch: int):
+        super().__init__(partner, fmt, max_line_bytes, step)
+        self._batch = batch
+
+    def process(self, rf: fileio.ReadableFile) -> Iterator:
+        buf = MessageBatch()
+        for out in super().process(rf):
+            if isinstance(out, RawMessage):
+                buf.append(out)
+                if len(buf) >= self._batch:
+                    yield buf
+                    buf = MessageBatch()
+            else:
+                yield out  # a TaggedOutput dead letter
+        if buf:
+            yield buf
+
+
+class _ReadFileBatches(beam.PTransform):
+    """PBegin -> (PCollection[list[RawMessage]], PCollection[DeadLetter]). One file is read by one worker."""
+
+    def __init__(self, spec: FileSource, partner: str, max_line_bytes: int, step: str, batch: int):
+        super().__init__()
+        self._args = (spec, partner, max_line_bytes, step, batch)
+
+    def expand(self, pbegin):
+        spec, partner, max_bytes, step, batch = self._args
+        read = (
+            pbegin
+            | "Match" >> fileio.MatchFiles(spec.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW_IF_WILDCARD)
+            | "ReadMatches" >> fileio.ReadMatches()
+            | "ReshuffleFiles" >> beam.Reshuffle()
+            | "ReadBatches" >> beam.ParDo(_ReadFileBatchesFn(partner, spec.format, max_bytes, step, batch))
+            .with_output_types(MessageBatch).with_outputs(DEAD_LETTER_TAG, main="batches")
+        )
+        return read.batches, read[DEAD_LETTER_TAG]
+
+
+class _ProcessBatchFn(beam.DoFn):
+    def __init__(self, contract: Contract, keep_rows: bool, shards: int):
+        self._contract = contract
+        self._keep_rows = keep_rows
+        self._shards = shards
+        self._events = Metrics.counter("headwater", "events_parsed")
+        self._rows = Metrics.counter("headwater", "rows_flattened")
+        self._dead = Metrics.counter("headwater", "dead_letters_parse_flatten")
+        self._py_env = Metrics.counter("headwater", "envelope_python_path_events")
+        self._py_flat = Metrics.counter("headwater", "flatten_python_path_events")
+        self._nokey = Metrics.counter("headwater", "aggregate_key_missing")
+
+    def setup(self) -> None:
+        self._proc = BatchProcessor(self._contract, keep_rows=self._keep_rows)
+
+    def process(self, batch: list) -> Iterator:
+        if not batch:
+            return
+        partner = batch[0].partner
+        if any(m.partner != partner for m in batch):  # in-memory overrides may mix partners: one at a time
+            by: dict[str, list] = {}
+            for m in batch:
+                by.setdefault(m.partner, []).append(m)
+            for sub in by.values():
+                yield from self.process(sub)
+            return
+        progress.count_parsed(len(batch))
+        res = self._proc.process(batch)
+        self._events.inc(len(res.entries))
+        if res.python_envelope:
+            self._py_env.inc(res.python_envelope)
+        if res.python_flatten:
+            self._py_flat.inc(res.python_flatten)
+        if res.key_missing:
+            self._nokey.inc(res.key_missing)
+        if res.rows:
+            self._rows.inc(len(res.rows))
+            yield RowBatch(res.rows)
+        if res.dead:
+            self._dead.inc(len(res.dead))
+            for d in res.dead:
+                Metrics.counter("headwater", f"dead_letter_{d.reason}").inc()
+                yield TaggedOutput(DEAD_LETTER_TAG, d)
+        if res.entries:
+            n = self._shards
+            groups: dict[int, list] = {}
+            for e in res.entries:
+                groups.setdefault(zlib.crc32(e.event_id.encode()) % n, []).append(tuple(e))
+            for shard, group in groups.items():
+                # one pickled blob per (batch, shard): Beam codes bytes without looking inside
+                yield TaggedOutput(DEDUP_TAG, (shard, pickle.dumps((partner, group), protocol=pickle.HIGHEST_PROTOCOL)))
+
+
+class _FoldShardFn(beam.DoFn):
+    """(shard, [pickled (partner, [Entry tuple])]) -> ((partner, aggregate, key), partial) + type-conflict dead letters
+    (+ the kept events' rows in batches, with ``keep_rows``)."""
+
+    def __init__(self, specs: Mapping[str, tuple], keep_rows: bool, clock=time.time):
+        self._specs = dict(specs)  # partner -> tuple of AggregateSpec, in contract order
+        self._keep_rows = keep_rows
+        self._clock = clock
+        self._dups = Metrics.counter("headwater", "duplicate_events")
+        self._conflicts = Metrics.counter("headwater.state", "dead_letter_other")
+
+    def setup(self) -> None:
+        self._plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a)) for a in aggs)
+                       for p, aggs in self._specs.items()}
+
+    def process(self, element) -> Iterator:
+        _, groups = element
+        kept: dict = {}
+        dups = 0
+        for blob in groups:
+            partner, entries = pickle.loads(blob)
+            for e in entries:
+                k = (partner, e[0])
+                other = kept.get(k)
+                if other is None:
+                    kept[k] = e
+                    continue
+                dups += 1
+                if _order(e) < _order(other):  # deterministic choice, whatever the arrival order
+                    kept[k] = e
+        if dups:
+            self._dups.inc(dups)
+            progress.count_duplicate(dups)
+        partials: dict = {}
+        rows: list = []
+        for (partner, event_id), (_, t_us, aggs, erows) in kept.items():
+            if erows:
+                rows += erows
+                if len(rows) >= 5000:
+                    yield TaggedOutput(ROWS_TAG, RowBatch(rows))
+                    rows = []
+            if not aggs:
+                continue
+            plans = self._plans[partner]
+            for i, key, values in aggs:
+                name, plan, cols = plans[i]
+                vals = dict(zip(cols, values))
+                pk = (partner, name, key)
+                part = partials.get(pk)
+                if part is None:
+                    part = partials[pk] = C.new_partial(plan)
+                for r in C.add_event(part, t_us, event_id, vals, plan):
+                    self._conflicts.inc()
+                    payload = orjson.dumps(vals)
+                    yield TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
+                        partner=partner, source="aggregate", coords=f"{name}:{key}#{event_id}", payload=payload,
+                        payload_ref=_sha(payload), error_class="TypeConflict", reason=Reason.TYPE_CONFLICT,
+                        message=r.message, step=AGG_STEP, event_time_us=t_us,
+                        processing_time_us=int(self._clock() * 1_000_000)))
+        if rows:
+            yield TaggedOutput(ROWS_TAG, RowBatch(rows))
+        for pk, part in partials.items():
+            yield pk, part
+
+
+def _order(entry: tuple) -> bytes:
+    return orjson.dumps(entry[:3], option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
+def _sha(payload: bytes) -> str:
+    return "sha256:" + hashlib.sha256(payload).hexdigest()
+
+
+class BoundedHeadwater(beam.PTransform):
+    """PBegin -> (rows, aggregates, dead letters) for a contract whose sources are all files.
+
+    ``rows`` is a PCollection of *lists* of TableRow (one per batch): the DuckDB sink writes them as
+    they come; ``keep_rows`` (BigQuery) makes them the kept copies of deduplicated events instead.
+    ``source_overrides`` as for ``ingest.pipeline.HeadwaterPipeline`` (PCollection[RawMessage] producers).
+    """
+
+    def __init__(self, contract: Contract, source_overrides: Mapping[str, beam.PTransform], require_overrides: bool,
+                 keep_rows: bool = False, batch_size: int = BATCH_SIZE, shards: int = DEDUP_SHARDS,
+                 label: str = "Bounded"):
+        super().__init__(label)
+        if contract.streaming:
+            raise ValueError("BoundedHeadwater runs contracts without streaming sources")
+        self._contract = contract
+        self._overrides = dict(source_overrides)
+        self._require = require_overrides
+        self._keep_rows = keep_rows
+        self._batch = batch_size
+        self._shards = shards
+
+    def expand(self, pbegin):
+        contract = self._contract
+        batches, dead, labels = [], [], []
+        for partner in contract.partners:
+            for label, spec in source_labels(partner):
+                labels.append(label)
+                if label in self._overrides:
+                    msgs = pbegin | label >> self._overrides.pop(label)
+                    batches.append(msgs | f"Batch_{label}" >> beam.BatchElements(
+                        min_batch_size=self._batch, max_batch_size=self._batch)
+                        | f"AsBatch_{label}" >> beam.Map(MessageBatch).with_output_types(MessageBatch))
+                    continue
+                if self._require:
+                    raise ValueError(f"source {label!r} has no override but require_overrides=True")
+                b, d = pbegin | label >> _ReadFileBatches(spec, partner.name, partner.envelope.max_payload_bytes,
+                                                          step=label, batch=self._batch)
+                batches.append(b)
+                dead.append(d)
+        if self._overrides:
+            raise ValueError(f"overrides for unknown sources {sorted(self._overrides)}; sources are {labels}")
+        raw = batches | "AllMessages" >> beam.Flatten()
+        raw.element_type = MessageBatch
+        out = raw | "ProcessBatches" >> beam.ParDo(
+            _ProcessBatchFn(contract, self._keep_rows, self._shards)).with_output_types(RowBatch).with_outputs(
+            DEDUP_TAG, DEAD_LETTER_TAG, main=ROWS_TAG)
+        specs = {p.name: tuple(p.aggregates) for p in contract.partners}
+        out[DEDUP_TAG].element_type = beam.typehints.KV[int, bytes]  # deterministic key coder (VarInt), bytes values
+        folded = (out[DEDUP_TAG]
+                  | "DedupEvents" >> beam.GroupByKey()
+                  | "FoldShards" >> beam.ParDo(_FoldShardFn(specs, self._keep_rows))
+                  .with_outputs(ROWS_TAG, DEAD_LETTER_TAG, main="partials"))
+        dead += [out[DEAD_LETTER_TAG], folded[DEAD_LETTER_TAG]]
+        # Consumed directly (no Flatten with another stage's output), so the sink is fused with
+        # ProcessBatches and row batches never leave the stage that made them.
+        rows = folded[ROWS_TAG] if self._keep_rows else out[ROWS_TAG]
+        rows.element_type = RowBatch
+        agg_specs: dict[tuple[str, str], AggregateSpec] = {(p.name, a.name): a for p in contract.partners
+                                                          for a in p.aggregates}
+        if agg_specs:
+            aggregates = folded.partials | "ComputeAggregates" >> _Aggregates(agg_specs)
+        else:
+            aggregates = folded.partials | "NoAggregates" >> beam.Filter(_never)
+        dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
+        return rows, aggregates, dead_letters
+
+
+class _Aggregates(beam.PTransform):
+    def __init__(self, specs):
+        super().__init__()
+        self._specs = specs
+
+    def expand(self, partials):
+        return partials | "AggregatePerKey" >> FinalAggregates(self._specs, partials=True)
+
+
+def _never(_element) -> bool:
+    return False
+
