@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Sequence, TextIO
 
 from ingest.contract import Contract
 
-__all__ = ["launch", "update", "drain", "status", "submit_pipeline", "held_signals", "drain_request"]
+__all__ = ["launch", "update", "drain", "status", "submit_pipeline", "held_signals", "drain_request", "update_argv"]
 
 
 @contextmanager
@@ -129,9 +129,7 @@ def update(args, beam_argv: list[str], out: TextIO) -> int:
     if verdict.verdict == NEW_JOB:
         return 2
     mapping = verdict.mapping
-    argv = [*argv, "--update", f"--transform_name_mapping={json.dumps(mapping, sort_keys=True)}"]
-    if args.validate_only:
-        argv.append("--dataflow_service_options=graph_validate_only")
+    argv = update_argv(argv, mapping, args.validate_only)
     job_id = args.job_id or baseline.get("job_id")
     if args.save_job or args.dry_run:
         from apache_beam.options.pipeline_options import GoogleCloudOptions
@@ -168,6 +166,15 @@ def _jobs_client():
     from google.cloud import dataflow_v1beta3
 
     return dataflow_v1beta3.JobsV1Beta3Client()
+
+
+def update_argv(argv: Sequence[str], mapping: dict, validate_only: bool = False) -> list[str]:
+    """The Beam options of an in-place update: ``--update``, the mapping as JSON, optionally Dataflow's
+    ``graph_validate_only`` (check the update against the running job, replace nothing)."""
+    out = [*argv, "--update", f"--transform_name_mapping={json.dumps(mapping, sort_keys=True)}"]
+    if validate_only:
+        out.append("--dataflow_service_options=graph_validate_only")
+    return out
 
 
 def drain_request(project: str, region: str, job_id: str) -> dict:

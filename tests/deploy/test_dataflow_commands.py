@@ -166,3 +166,15 @@ def test_ctrl_c_during_submission_is_held_not_cancelling():
 def test_run_with_the_dataflow_runner_points_to_deploy(capsys):
     code = cli(["run", "--config", STREAMING, "--runner=DataflowRunner", "--project=acme-data"])
     assert code == 2 and "headwater deploy plan|launch|update" in capsys.readouterr().err
+
+
+def test_update_options_parse_the_way_dataflow_runner_reads_them():
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+
+    from deploy.dataflow.submit import update_argv
+
+    mapping = {"Headwater/Read_orbit_live_kafka_0": "", "Headwater/A": "Headwater/B"}
+    opts = PipelineOptions(update_argv(BEAM, mapping, validate_only=True)).view_as(GoogleCloudOptions)
+    assert opts.update is True and opts.transform_name_mapping == mapping
+    assert opts.dataflow_service_options == ["graph_validate_only"]
+    assert PipelineOptions(update_argv(BEAM, {})).view_as(GoogleCloudOptions).dataflow_service_options is None
