@@ -61,10 +61,26 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _runner(beam_argv: Sequence[str]) -> str:
+    """The ``--runner`` in Beam's argv (last wins), without importing Beam."""
+    runner = ""
+    for i, a in enumerate(beam_argv):
+        if a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+        elif a == "--runner" and i + 1 < len(beam_argv):
+            runner = beam_argv[i + 1]
+    return runner
+
+
 def _cmd_run(args, beam_argv: list[str]) -> int:
     from ingest.preflight import preflight
 
     contract = _load(args.config)
+    if _runner(beam_argv).endswith("DataflowRunner"):
+        # `run` waits for the job and cancels it on Ctrl-C: right locally, wrong for a Dataflow job.
+        print("headwater: Dataflow jobs are deployed with `headwater deploy plan|launch|update --config "
+              f"{args.config} --job NAME` (detached, recorded, update-checked); see docs/deploy.md", file=sys.stderr)
+        return 2
     preflight(contract)  # before Beam is even imported: a launch that cannot work fails in seconds
     from ingest import pipeline
     print(f"headwater: running {len(contract.partners)} partners "

@@ -61,8 +61,10 @@ def add_deploy_parser(sub) -> None:
                        ("status", "the job's state and its last deploy record")):
         s = dsub.add_parser(verb, help=what)
         common(s, config=False)
-        s.add_argument("--project", default=None)
-        s.add_argument("--region", default=None)
+        s.add_argument("--project", default=None, help="default: from the job's deploy record")
+        s.add_argument("--region", default=None, help="default: from the job's deploy record")
+        if verb == "drain":
+            s.add_argument("--dry-run", action="store_true", help="print the drain request and send nothing")
 
 
 def _renames(path: Optional[str]) -> dict:

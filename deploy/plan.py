@@ -75,7 +75,7 @@ def build_snapshot(contract: Contract, job_name: str, argv: Sequence[str] = (), 
     from deploy.graph import snapshot
 
     dry = dry_run(contract, job_name, argv, image)
-    from apache_beam.options.pipeline_options import StandardOptions, WorkerOptions
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, StandardOptions, WorkerOptions
 
     doc = {
         "format": SNAPSHOT_FORMAT,
@@ -85,6 +85,8 @@ def build_snapshot(contract: Contract, job_name: str, argv: Sequence[str] = (), 
         "beam_version": apache_beam.__version__,
         "streaming": bool(dry.options.view_as(StandardOptions).streaming),
         "image": dry.options.view_as(WorkerOptions).sdk_container_image,
+        "project": dry.options.view_as(GoogleCloudOptions).project,
+        "region": dry.options.view_as(GoogleCloudOptions).region,
         "contract": contract_summary(contract),
         "graph": snapshot(dry.proto),
     }

@@ -8,11 +8,12 @@ from typing import Optional, TextIO
 import orjson
 
 from flatten.core import FlattenError, Flattener
-from flatten.mask import Masker, load_mask_key
+from flatten.mask import Masker
 from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, RawMessage
 from ingest.contract import Contract, EnvelopeSpec, load_contract
 from ingest.envelope import EnvelopeParser
+from ingest.mask_key import contract_mask_key
 
 __all__ = ["preview", "show_schema"]
 
@@ -36,7 +37,7 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
         contract = load_contract(config)
         p = contract.partner(partner) if partner else contract.partners[0]
         m = contract.masking
-        masker = Masker(p.columns, load_mask_key(m.key_env, m.key_file, m.allow_dev_key))
+        masker = Masker(p.columns, contract_mask_key(m))  # key_secret, env var, file or dev key
         envelope, options, name, table = p.envelope, p.flatten, p.name, p.table.name
     else:
         masker = Masker((), secrets.token_bytes(32))  # no annotations: the key is never used

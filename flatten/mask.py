@@ -51,7 +51,7 @@ from flatten.infer import JsonTextError, to_json_text
 from flatten.names import normalize_key
 from flatten.options import ColumnAnnotation, PiiPolicy
 
-__all__ = ["MaskKeyError", "load_mask_key", "Masker", "MaskRule", "compile_rule", "canonical_bytes", "ENC_PREFIX",
+__all__ = ["MaskKeyError", "load_mask_key", "decode_mask_key", "Masker", "MaskRule", "compile_rule", "canonical_bytes", "ENC_PREFIX",
            "DEV_KEY"]
 
 ENC_PREFIX = b"enc:v1:"
@@ -492,3 +492,8 @@ def _redact(v: Any, keep_last: int) -> str:
     keep = min(keep_last, len(s) // 2)
     return _REDACT + s[len(s) - keep:] if keep else _REDACT
 
+
+
+def decode_mask_key(data: bytes, origin: str) -> bytes:
+    """Decode a key read from elsewhere (e.g. Secret Manager) with the same rules as ``load_mask_key``."""
+    return _decode_key(data, origin)

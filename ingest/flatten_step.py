@@ -13,7 +13,8 @@ from flatten.core import FlattenError
 from flatten.fast import FastFlattener
 from flatten.records import AggregateInput, DeadLetter, Event, Reason, TableRow
 from ingest.contract import Contract
-from flatten.mask import Masker, load_mask_key
+from ingest.mask_key import contract_mask_key
+from flatten.mask import Masker
 from sinks import ledger
 
 __all__ = ["FlattenEvents", "AGGREGATE_TAG", "DEAD_LETTER_TAG"]
@@ -43,7 +44,7 @@ class _FlattenFn(beam.DoFn):
         # Compile once per worker: one flattener per partner, plus the aggregate plans.
         self._plans: dict[str, Any] = {}
         m = self._contract.masking
-        self._refs = Masker([], load_mask_key(m.key_env, m.key_file, m.allow_dev_key))  # keyed payload refs
+        self._refs = Masker([], contract_mask_key(m))  # keyed payload refs
         for p in self._contract.partners:
             aggs = [(a.name, a.key, _metric_columns(a)) for a in p.aggregates]
             # native (native/) when built and supported, else the Python flattener; identical rows

@@ -9,11 +9,12 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from flatten.fast import FastFlattener
-from flatten.mask import Masker, load_mask_key
+from flatten.mask import Masker
 from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 from ingest.contract import Contract
 from ingest import progress
+from ingest.mask_key import contract_mask_key
 from ingest.envelope import EnvelopeParser
 
 __all__ = ["ParseEnvelope", "DEAD_LETTER_TAG"]
@@ -34,7 +35,7 @@ class _ParseFn(beam.DoFn):
 
     def setup(self) -> None:
         m = self._contract.masking
-        key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
+        key = contract_mask_key(m)  # Secret Manager on Dataflow workers (ingest/mask_key.py); never an option
         self._refs = Masker([], key)  # keyed payload refs for messages of unknown partners
         # the compiled accelerator (flatten.fast) takes well-formed events when built; Python decides the rest
         self._parsers = {

@@ -20,7 +20,9 @@ def preflight(contract: Contract, check_files: bool = True, check_sources: bool 
     errors: list[str] = []
     m = contract.masking
     needs_key = any(p.columns for p in contract.partners)
-    if needs_key:
+    # With masking.key_secret the workers read the key from Secret Manager (ingest/mask_key.py); the
+    # launching machine need not be able to.
+    if needs_key and not m.key_secret:
         try:
             load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
         except MaskKeyError as exc:

@@ -23,7 +23,8 @@ ids) for bounded input. Rows BigQuery rejects and freeze-mode conflicts become
 retried with backoff up to ``warehouse.bigquery.max_attempts``.
 
 Windowing: any; batches are per window and per table shard. Unbounded input is batched with
-GroupIntoBatches (flushes after ``max_buffering_s``); bounded input with a GroupByKey on
+``sinks.batches.BatchPerKey`` (GroupIntoBatches' semantics with typed state; flushes after
+``max_buffering_s``); bounded input with a GroupByKey on
 (table, shard) (``_SHARDS`` shards by row id), each group written in chunks of
 ``load_batch_rows`` / ``insert_batch_rows``. (GroupIntoBatches on bounded input under the local
 FnApiRunner sometimes never flushed its end-of-window timer: measured 3 lost runs in 10.)
@@ -49,7 +50,7 @@ __all__ = ["WriteToBigQueryWarehouse"]
 
 _REJECTED = "rejected"
 # str keys: a deterministic coder for the batching state; typed values: Row coders (never pickle) for the
-# GroupIntoBatches ``values`` bag state and the shuffle.
+# batching ``values`` bag state and the shuffle.
 _KEYED_ROWS = beam.typehints.KV[str, TableRow]
 _KEYED_AGGREGATES = beam.typehints.KV[str, AggregateRow]
 _KEYED_DEAD_LETTERS = beam.typehints.KV[str, DeadLetter]

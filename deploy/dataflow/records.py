@@ -20,10 +20,19 @@ def default_root() -> str:
     return os.environ.get("HEADWATER_DEPLOY_RECORDS", "./.headwater/deploys")
 
 
+def _gcs():
+    from apache_beam.io.filesystems import FileSystems
+
+    from ingest.objectstore import configure_gcs_emulator
+
+    configure_gcs_emulator()  # STORAGE_EMULATOR_HOST (local fake-gcs-server) only; no-op otherwise
+    return FileSystems
+
+
 def read_json(path: str) -> Optional[dict]:
     """A JSON document from a local path or gs://...; None when it does not exist."""
     if path.startswith("gs://"):
-        from apache_beam.io.filesystems import FileSystems
+        FileSystems = _gcs()
 
         if not FileSystems.exists(path):
             return None
@@ -38,8 +47,7 @@ def read_json(path: str) -> Optional[dict]:
 def write_json(path: str, doc: dict) -> None:
     data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
     if path.startswith("gs://"):
-        from apache_beam.io.filesystems import FileSystems
-
+        FileSystems = _gcs()
         with FileSystems.create(path) as f:
             f.write(data)
         return
