@@ -223,7 +223,9 @@ def measure(contender: str, data: Path, work: Path, beam_args: str, profile: str
     cmd = [sys.executable, __file__, "--child", contender, "--data", str(data), "--work", str(work),
            f"--beam-args={beam_args}"]
     if profile:
-        cmd = ["py-spy", "record", "-r", "50", "-o", f"{profile}-{contender}.svg", "--", *cmd]
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        cmd = [spy if os.path.exists(spy) else "py-spy", "record", "-r", "50", "-o", f"{profile}-{contender}.svg",
+               "--", *cmd]  # the CPU figures then include py-spy's own
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
