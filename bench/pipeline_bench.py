@@ -132,15 +132,20 @@ def _run_headwater(data: Path, work: Path, aggregates: bool, argv: list[str]) ->
 
     db = work / ("hw.duckdb" if aggregates else "hw_noagg.duckdb")
     contract = parse_contract(contract_dict(data, db, aggregates))
+    from apache_beam.metrics.metric import MetricsFilter
+
     progress.reset()
     t0 = time.perf_counter()
-    pipeline.run(contract, argv)
+    result = pipeline.run(contract, argv)
     dt = time.perf_counter() - t0
     lines = int((data / "LINES").read_text())
     with open(os.devnull, "w") as null:
         fig = summarize(contract, inputs=lines, out=null)
-    return {"seconds": dt, "reconciled": fig["reconciled"], "rows": fig["main_rows"], "dead": fig["dead"],
-            "duplicates": fig["duplicates"]}
+    # duplicates from the job's metrics: progress counters only see this process (not other worker processes)
+    dups = sum(c.committed or 0 for c in result.metrics().query(
+        MetricsFilter().with_name("duplicate_events"))["counters"])
+    ok = lines == fig["main_rows"] + fig["dead"] + dups
+    return {"seconds": dt, "reconciled": ok, "rows": fig["main_rows"], "dead": fig["dead"], "duplicates": dups}
 
 
 def _run_beam_bare(data: Path, work: Path, argv: list[str]) -> dict:
@@ -218,7 +223,9 @@ def measure(contender: str, data: Path, work: Path, beam_args: str, profile: str
     cmd = [sys.executable, __file__, "--child", contender, "--data", str(data), "--work", str(work),
            f"--beam-args={beam_args}"]
     if profile:
-        cmd = ["py-spy", "record", "-r", "50", "-o", f"{profile}-{contender}.svg", "--", *cmd]
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        cmd = [spy if os.path.exists(spy) else "py-spy", "record", "-r", "50", "-o", f"{profile}-{contender}.svg",
+               "--", *cmd]  # the CPU figures then include py-spy's own
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()

@@ -183,8 +183,10 @@ class _ProcessBatchFn(beam.DoFn):
             for e in res.entries:
                 groups.setdefault(zlib.crc32(e.event_id.encode()) % n, []).append(tuple(e))
             for shard, group in groups.items():
-                # one pickled blob per (batch, shard): Beam codes bytes without looking inside
-                yield TaggedOutput(DEDUP_TAG, (shard, pickle.dumps((partner, group), protocol=pickle.HIGHEST_PROTOCOL)))
+                # One blob per (batch, shard): Beam codes bytes without looking inside. Compressed (ids and keys
+                # share long prefixes): the local runner holds every blob in memory until the shard groups run.
+                yield TaggedOutput(DEDUP_TAG, (shard, zlib.compress(
+                    pickle.dumps((partner, group), protocol=pickle.HIGHEST_PROTOCOL), 1)))
 
 
 class _FoldShardFn(beam.DoFn):
@@ -207,7 +209,7 @@ class _FoldShardFn(beam.DoFn):
         kept: dict = {}
         dups = 0
         for blob in groups:
-            partner, entries = pickle.loads(blob)
+            partner, entries = pickle.loads(zlib.decompress(blob))
             for e in entries:
                 k = (partner, e[0])
                 other = kept.get(k)

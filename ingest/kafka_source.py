@@ -61,7 +61,7 @@ from ingest.unbounded import BackgroundLoop, ManualWatermarks, advance_watermark
 from ingest.contract import KafkaSource
 from state.coders import register_record
 
-__all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes"]
+__all__ = ["ReadFromKafkaPy", "KafkaPartition", "to_raw_message", "kafka_attributes", "backlog_records", "END_OFFSETS"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -240,6 +240,24 @@ class _NoDynamicSplitTracker(OffsetRestrictionTracker):
         return super().try_split(fraction_of_remainder)
 
 
+#: (topic, partition) -> the partition's end offset (high watermark) as this process's reader last saw it.
+END_OFFSETS: dict[tuple[str, int], int] = {}
+
+
+def backlog_records(end_offset: Optional[int], position: int) -> float:
+    """Records left to read from ``position`` (the next offset to read) given the end offset; 1.0 when unknown."""
+    if end_offset is None:
+        return 1.0
+    return float(max(0, end_offset - position))
+
+
+def note_end_offset(reader: Any, tp: Any) -> None:
+    """Remember ``reader``'s last seen high watermark of ``tp`` (from its fetch responses) in END_OFFSETS."""
+    hw = reader.highwater(tp)
+    if hw is not None:
+        END_OFFSETS[(tp.topic, tp.partition)] = hw
+
+
 class _PartitionRestrictions(RestrictionProvider):
     def initial_restriction(self, element: KafkaPartition) -> OffsetRange:
         return OffsetRange(element.start_offset, END_OF_TIME_OFFSET)
@@ -251,7 +269,11 @@ class _PartitionRestrictions(RestrictionProvider):
         yield restriction
 
     def restriction_size(self, element, restriction) -> float:
-        return 1.0  # backlog unknown without a broker round trip; all partitions weigh the same
+        """The partition's backlog in records: end offset minus the restriction's start (what Beam's
+        KafkaIO reports), so Dataflow's autoscaler sees it grow during a spike. The end offset is the
+        high watermark this worker's reader last saw in a fetch (no broker round trip); before the
+        partition's first read on this worker it is unknown and every partition weighs 1."""
+        return backlog_records(END_OFFSETS.get((element.topic, element.partition)), restriction.start)
 
     def truncate(self, element, restriction):
         return None  # drain: stop reading, offsets already committed stay committed
@@ -369,6 +391,7 @@ class _ReadPartitionFn(beam.DoFn):
             self._positions[key] = last + 1 if last is not None else position
         if self._loop is not None:
             self._loop.watch(part.topic, part.partition)
+        note_end_offset(reader, tp)
         if last is not None:
             self._records.inc(count)
             if self._loop is None:

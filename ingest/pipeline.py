@@ -111,8 +111,10 @@ class HeadwaterPipeline(beam.PTransform):
         from ingest.bounded import BoundedHeadwater
 
         duck = self._contract.warehouse.kind == "duckdb"
-        rows, aggregates, dead_letters = pbegin | "Bounded" >> BoundedHeadwater(
-            self._contract, self._overrides, self._require, keep_rows=not duck)
+        # expanded in place (not applied as a composite): its steps sit directly under this transform's label
+        # (Headwater/Read_<partner>_file_0, Headwater/ProcessBatches, ...), like the streaming job's
+        rows, aggregates, dead_letters = BoundedHeadwater(
+            self._contract, self._overrides, self._require, keep_rows=not duck).expand(pbegin)
         self._overrides = {}
         if not duck:
             rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)

@@ -52,7 +52,7 @@ from sinks import ledger
 from ingest.unbounded import BackgroundLoop, ManualWatermarks, advance_watermark, nothing
 from ingest.contract import PubSubSource
 
-__all__ = ["ReadFromPartnerPubSub", "pubsub_raw_message", "attribute_timestamp_us"]
+__all__ = ["ReadFromPartnerPubSub", "pubsub_raw_message", "attribute_timestamp_us", "pull_backlog", "PULL_BACKLOG"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -157,6 +157,23 @@ class _CheckpointOnlyTracker(OffsetRestrictionTracker):
         return super().try_split(fraction_of_remainder)
 
 
+#: subscription -> lower-bound backlog estimate (messages) from this process's last pulls (see restriction_size).
+PULL_BACKLOG: dict[str, float] = {}
+
+
+def pull_backlog(pulled: list[int], max_per_pull: int = MAX_MESSAGES_PER_PULL) -> float:
+    """Backlog lower bound after one read call's pulls (message counts, in order): the messages of the
+    trailing run of full pulls (there was more behind each), or 0 when the last pull came back short."""
+    if not pulled or pulled[-1] < max_per_pull:
+        return 0.0
+    n = 0
+    for k in reversed(pulled):
+        if k < max_per_pull:
+            break
+        n += k
+    return float(n)
+
+
 class _PullRestrictions(RestrictionProvider):
     def initial_restriction(self, element: str) -> OffsetRange:
         return OffsetRange(0, _END)
@@ -168,7 +185,11 @@ class _PullRestrictions(RestrictionProvider):
         yield restriction
 
     def restriction_size(self, element, restriction) -> float:
-        return 1.0
+        """Backlog estimate of the subscription: Pub/Sub has no offsets (its exact backlog is the Cloud
+        Monitoring metric ``num_undelivered_messages``, which Dataflow's native read uses), so this is a
+        lower bound from the last pulls on this worker: what they returned while pulls came back full,
+        0 once a pull came back short (drained); 1.0 before the first pull."""
+        return PULL_BACKLOG.get(element, 1.0)
 
     def truncate(self, element, restriction):
         return None  # drain: stop pulling; unacked messages are redelivered to the next job
@@ -245,11 +266,13 @@ class _PullFn(beam.DoFn):
         position = tracker.current_restriction().start
         deadline = time.monotonic() + MAX_READ_SECONDS
         ack_ids: list[str] = []
+        pulls: list[int] = []
         while time.monotonic() < deadline:
             if not tracker.try_claim(position):
                 break
             position += 1
             received = self._pull(subscription)
+            pulls.append(len(received))
             if not received:
                 break
             oldest: Optional[Timestamp] = None
@@ -266,6 +289,7 @@ class _PullFn(beam.DoFn):
             self._pulled.inc(len(received))
             if oldest is not None:
                 advance_watermark(watermark, oldest)
+        PULL_BACKLOG[subscription] = pull_backlog(pulls)
         if ack_ids:
             if self._acker is None:
                 fin.register(partial(self._ack, subscription, ack_ids))

@@ -23,7 +23,7 @@ __all__ = ["WriteToDuckDB", "FLUSH_ROWS"]
 
 #: Rows per write. Each write is one INSERT and one checkpoint of the DuckDB file (on close), whose
 #: cost grows with the table: fewer, larger writes are cheaper overall (bench/README.md).
-FLUSH_ROWS = 100_000
+FLUSH_ROWS = 50_000
 
 
 class _BufferedWriteFn(beam.DoFn):

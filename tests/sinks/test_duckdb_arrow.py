@@ -22,6 +22,10 @@ def docs():
     yield {"i": 2, "f": -0.0001, "b": False, "s": "", "ts": "2026-11-01 10:00:00", "d": "1970-01-01",
            "arr": [], "sarr": [], "extra": {"x": [{"y": 1}]}, "i_as_float": 1.0}
     yield {"i": 3, "f": 1e-310, "s": "quote ' \" \\ backslash", "ts": "1999-12-31T23:59:59+00:00"}
+    for k in range(12):  # same shapes again: these rows fit the schema and go as JSON text
+        yield {"i": 10 + k, "f": k / 3, "b": k % 2 == 0, "s": f"s{k} é", "ts": f"2026-11-0{1 + k % 9}T10:00:0{k % 10}.5Z",
+               "d": "2026-11-02", "arr": [k, -k], "sarr": ["x"] * (k % 3), "deep": {"a": {"b": {"c": {"d": k}}}},
+               "kids": [{"k": k, "when": None}], "nul": None, "f_int_like": 2.0, "big": 2**63 + k, "neg": -(2**63)}
 
 
 def rows(partner="acme", table="t"):
@@ -38,6 +42,10 @@ def rows(partner="acme", table="t"):
     out.append(TableRow(partner, "t__blob", "r-blob", "e9", 1, orjson.dumps({"by": "aGVsbG8="}),
                         orjson.dumps({"by": "BYTES"})))
     return out
+
+
+def _refuse(*_a, **_k):
+    raise duckdb.Error("JSON-text path disabled for the reference run")
 
 
 def dump(path):
@@ -77,11 +85,21 @@ def test_arrow_writes_equal_ndjson_writes(tmp_path, monkeypatch, mode):
         calls.append(ok)
         return ok
 
+    json_rows = []
+    real_json = duckdb_store._json_insert
+
+    def json_spy(con, table, rows, *a, **k):
+        real_json(con, table, rows, *a, **k)
+        json_rows.extend(rows)
+
     monkeypatch.setattr(duckdb_store, "_arrow_insert", spy)
+    monkeypatch.setattr(duckdb_store, "_json_insert", json_spy)
     dead_arrow = write(tmp_path / "arrow.duckdb", mode)
-    assert calls.count(True) >= 3  # rows, dead letters and aggregates went through Arrow
-    assert False in calls  # the BYTES table took the NDJSON path
+    assert len(json_rows) >= 5  # rows whose columns fit the schema went as JSON text through Arrow
+    assert calls.count(True) >= 2  # dead letters and aggregates (and reconciled rows) as typed Arrow columns
+    # the reference: every row as a dict through the NDJSON file, as before Arrow
     monkeypatch.setattr(duckdb_store, "_arrow_insert", lambda *a, **k: False)
+    monkeypatch.setattr(duckdb_store, "_json_insert", _refuse)
     dead_json = write(tmp_path / "json.duckdb", mode)
     assert [d._replace(processing_time_us=0) for d in dead_arrow] == \
         [d._replace(processing_time_us=0) for d in dead_json]
@@ -89,7 +107,7 @@ def test_arrow_writes_equal_ndjson_writes(tmp_path, monkeypatch, mode):
     assert a.keys() == j.keys()
     for t in a:
         assert a[t] == j[t], t
-    assert len(a["t"][1]) == 4
+    assert len(a["t"][1]) == 16
 
 
 def test_a_bad_value_falls_back_to_row_by_row_dead_letters(tmp_path):

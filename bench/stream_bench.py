@@ -1,0 +1,239 @@
+"""Live-path benchmark: Kafka + Pub/Sub on the local servers -> the streaming job on Prism -> DuckDB.
+
+Not a test. Needs the local servers (``deploy/local/services.sh up kafka pubsub``) and Prism::
+
+    HEADWATER_LOCAL=.local python bench/stream_bench.py [--rate 1000] [--seconds 30] [--backlog 10000]
+
+One streaming job (``ingest.pipeline.run_until_stopped``, what ``headwater run`` runs) reads two partners,
+one on Pub/Sub and one on Kafka (acme-style events, masking, dedup, one aggregate with lifetime/1d windows),
+in its own process. The bench publishes events carrying their send time (``bench.sent_us``) and polls the
+warehouse: a row's latency is the time it was first seen minus its send time (poll period 0.25 s).
+
+1. **steady**: ``--rate`` events/s in total (half per source) for ``--seconds``: p50/p99/max latency and
+   the rate rows arrived at;
+2. **backlog**: ``--backlog`` events per source published as fast as possible: the sustained rate
+   (events / time from the first send to the last row) and the latency under backlog.
+
+Prints a summary and, with ``--json``, writes the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+
+POLL_S = 0.25
+
+
+def contract_dict(db: Path, topic: str, sub_topic: str, subscription: str, bootstrap: str, group: str) -> dict:
+    envelope = {"event_id": "event.id", "user_id": "customer.id", "event_time": "event.occurred_at"}
+    columns = [{"path": "customer.email", "pii": "tokenize"}, {"path": "customer.ssn", "pii": "hash"},
+               {"path": "customer.name", "pii": "drop"},
+               {"path": "accounts[].number", "pii": "redact", "keep_last": 4}]
+    agg = [{"name": "customer_activity", "windows": ["lifetime", "1d"], "emit_every": "5s",
+            "metrics": [{"name": "events", "fn": "count"},
+                        {"name": "spend", "fn": "sum", "column": "transaction__amount"}]}]
+    return {
+        "warehouse": {"kind": "duckdb", "path": str(db)},
+        "masking": {"key_env": "HEADWATER_MASK_KEY", "allow_dev_key": True},
+        "partners": [
+            {"name": "acme_ps", "sources": [{"kind": "pubsub", "topic": sub_topic, "subscription": subscription}],
+             "envelope": envelope, "columns": columns, "table": {"name": "acme_ps_events"}, "aggregates": agg},
+            {"name": "acme_kf", "sources": [{"kind": "kafka", "bootstrap_servers": bootstrap, "topics": [topic],
+                                            "group_id": group, "start": "earliest"}],
+             "envelope": envelope, "columns": columns, "table": {"name": "acme_kf_events"}, "aggregates": agg},
+        ],
+    }
+
+
+def run_job(contract_path: str) -> int:
+    from deploy.cli import exit_after_streaming
+    from ingest import pipeline
+    from ingest.contract import load_contract
+
+    state = pipeline.run_until_stopped(load_contract(contract_path), [],
+                                       on_running=lambda: print("job: RUNNING", flush=True))
+    print(f"job: final state {state}", flush=True)
+    exit_after_streaming(0 if state in ("CANCELLED", "DONE") else 1)
+    return 0
+
+
+class Poller(threading.Thread):
+    """Reads every row's send time from the warehouse every POLL_S; first sighting per event id = arrival."""
+
+    def __init__(self, db: Path):
+        super().__init__(daemon=True)
+        self.db = db
+        self.arrived: dict[str, float] = {}  # event id -> arrival (epoch s)
+        self.sent: dict[str, float] = {}  # event id -> send time (epoch s)
+        self.stop = threading.Event()
+        self.errors = 0
+
+    def run(self) -> None:
+        import duckdb
+
+        while not self.stop.wait(POLL_S):
+            if not self.db.exists():
+                continue
+            try:
+                con = duckdb.connect(str(self.db), read_only=True)
+            except duckdb.Error:
+                self.errors += 1  # the writer holds the file: next poll
+                continue
+            now = time.time()
+            try:
+                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                for t in ("acme_ps_events", "acme_kf_events"):
+                    if t in tables:
+                        for eid, sent in con.execute(f'SELECT _event_id, bench__sent_us FROM "{t}"').fetchall():
+                            if eid not in self.arrived:
+                                self.arrived[eid] = now
+                                self.sent[eid] = sent / 1e6
+            except duckdb.Error:
+                self.errors += 1
+            finally:
+                con.close()
+
+
+def publish(contract, partner: str, ids: list[str], rate: float, rng: random.Random) -> None:
+    from deploy import synth
+    from deploy.publish import send_payloads
+
+    def events():
+        for i, eid in enumerate(ids):
+            ev = synth.acme_event(i, rng, users=2000)
+            ev["event"]["id"] = eid
+            ev["event"]["occurred_at"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+            ev["bench"] = {"sent_us": int(time.time() * 1e6)}
+            yield orjson.dumps(ev), {"event_id": eid, "user_key": ev["customer"]["id"]}
+
+    send_payloads(contract, partner, events(), rate=rate, key_attribute="user_key")
+
+
+def percentile(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def wait_rows(poller: Poller, ids: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    want = set(ids)
+    while time.monotonic() < deadline:
+        if want.issubset(poller.arrived.keys()):
+            return True
+        time.sleep(POLL_S)
+    return False
+
+
+def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, seed: int, timeout: float) -> dict:
+    ids = {p: [f"{name}-{p}-{seed}-{i:07d}" for i in range(n_per_source)] for p in ("acme_ps", "acme_kf")}
+    t0 = time.time()
+    threads = [threading.Thread(target=publish, args=(contract, p, ids[p], rate / 2 if rate else 0.0,
+                                                        random.Random(seed + k)))
+               for k, p in enumerate(ids)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    t_sent = time.time()
+    every = ids["acme_ps"] + ids["acme_kf"]
+    complete = wait_rows(poller, every, timeout)
+    seen = [e for e in every if e in poller.arrived]
+    t_last = max((poller.arrived[e] for e in seen), default=time.time())
+    lat = [poller.arrived[e] - poller.sent[e] for e in seen]
+    res = {"phase": name, "events": len(every), "rows_seen": len(seen), "complete": complete,
+           "publish_s": t_sent - t0, "publish_rate": len(every) / max(t_sent - t0, 1e-9),
+           "rows_rate": len(seen) / max(t_last - t0, 1e-9),
+           "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "max_s": max(lat, default=float("nan"))}
+    print(f"  {name:<8} {res['events']:>7,} events  published at {res['publish_rate']:>7,.0f}/s  rows at "
+          f"{res['rows_rate']:>7,.0f}/s  latency p50 {res['p50_s']:6.2f}s p99 {res['p99_s']:6.2f}s "
+          f"max {res['max_s']:6.2f}s  {'complete' if complete else f'INCOMPLETE ({len(seen):,} seen)'}", flush=True)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rate", type=float, default=1000.0, help="steady phase: events/s in total")
+    ap.add_argument("--seconds", type=float, default=30.0, help="steady phase duration")
+    ap.add_argument("--backlog", type=int, default=10_000, help="backlog phase: events per source")
+    ap.add_argument("--timeout", type=float, default=300.0, help="per phase: how long to wait for every row")
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.job:
+        return run_job(args.job)
+    os.environ.setdefault("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
+    os.environ.setdefault("PUBSUB_PROJECT_ID", "test-project")
+    os.environ.setdefault("HEADWATER_MASK_KEY", "bench-key-0123456789abcdef0123456789abcdef")
+    import yaml
+
+    from deploy.publish import ensure_kafka_topic, ensure_pubsub
+    from ingest.contract import load_contract
+
+    run_id = f"{int(time.time())}{os.getpid()}"
+    work = Path(tempfile.mkdtemp(prefix="hw-stream-bench-"))
+    db = work / "stream.duckdb"
+    cpath = work / "contract.yaml"
+    cpath.write_text(yaml.safe_dump(contract_dict(
+        db, f"bench-{run_id}", f"projects/test-project/topics/bench-{run_id}",
+        f"projects/test-project/subscriptions/bench-{run_id}", "127.0.0.1:9092", f"bench-{run_id}")))
+    contract = load_contract(cpath)
+    ensure_pubsub(contract.partner("acme_ps").sources[0], "acme_ps")
+    ensure_kafka_topic(contract.partner("acme_kf").sources[0], "acme_kf")
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs; job on Prism, warehouse {db}",
+          flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    job = subprocess.Popen([sys.executable, __file__, "--job", str(cpath)], stdout=subprocess.PIPE,
+                           stderr=open(work / "job.log", "wb"), env=env, cwd=str(work), text=True)
+    results = []
+    poller = Poller(db)
+    try:
+        line = job.stdout.readline()
+        if "RUNNING" not in line:
+            print(f"job did not start: {line!r}; see {work / 'job.log'}")
+            return 2
+        poller.start()
+        t0 = time.monotonic()
+        warm = phase("warmup", contract, poller, 50, 100.0, 1, args.timeout)
+        print(f"  (first rows after {time.monotonic() - t0:.1f}s)", flush=True)
+        if not warm["complete"]:
+            return 1
+        results.append(phase("steady", contract, poller, int(args.rate * args.seconds / 2), args.rate, 2,
+                             args.timeout))
+        results.append(phase("backlog", contract, poller, args.backlog, 0.0, 3, args.timeout))
+    finally:
+        poller.stop.set()
+        job.send_signal(signal.SIGTERM)
+        try:
+            job.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
+    backlog = results[-1] if results else {}
+    steady = results[0] if results else {}
+    print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s; steady {args.rate:,.0f}/s: "
+          f"p50 {steady.get('p50_s', float('nan')):.2f}s p99 {steady.get('p99_s', float('nan')):.2f}s "
+          f"(poll period {POLL_S}s; reader lock misses {poller.errors})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "rate": args.rate}, indent=2))
+    return 0 if all(r["complete"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
