@@ -8,6 +8,7 @@ from typing import Optional, TextIO
 import orjson
 
 from flatten.core import FlattenError, Flattener
+from flatten import jsonio
 from flatten.mask import Masker
 from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, RawMessage
@@ -50,7 +51,9 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
             bad += 1
             out.write(f"line {n}: DEAD LETTER too_large: line is {size} bytes, limit {envelope.max_payload_bytes}\n")
             continue
-        if not line.strip():
+        if not line.strip():  # as the file source: a dead letter, never silently skipped
+            bad += 1
+            out.write(f"line {n}: DEAD LETTER empty_line: line {n} is empty\n")
             continue
         msg = RawMessage(name, "file", f"file:{path}:{n}", line, b"{}", 0)
         ev = parser.parse(msg, int(time.time() * 1e6))
@@ -58,7 +61,7 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
                                                                      "bad_event_time"):
             # Without a contract the envelope is unknown: preview the body with line-number ids.
             try:
-                doc = orjson.loads(line)
+                doc = jsonio.loads(line)
             except orjson.JSONDecodeError:
                 doc = None
             if isinstance(doc, dict):
@@ -69,7 +72,7 @@ def preview(path: str, config: Optional[str], partner: Optional[str], limit: int
         elif isinstance(ev, DeadLetter):
             rows = None
         else:
-            rows = _flat(flattener, orjson.loads(ev.doc), ev.event_id, ev.user_id, ev.event_time_us)
+            rows = _flat(flattener, jsonio.loads(ev.doc), ev.event_id, ev.user_id, ev.event_time_us)
         if isinstance(ev, DeadLetter):
             bad += 1
             out.write(f"line {n}: DEAD LETTER {ev.reason}: {ev.message}\n")

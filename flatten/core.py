@@ -223,60 +223,14 @@ class Flattener:
         return plan
 
     def _walk_generic(self, obj: dict, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
-        names = self._names(site, tuple(obj))
-        deep = site.deep
-        detect = self._detect
-        percol = self._percol
-        for name, v in zip(names, obj.values()):
-            t = type(v)
-            if percol and (t is str or t is int or t is float):
-                r = self.column_override(v, name, site.table)
-                if r is not None:
-                    cols[name], types[name] = r
-                    continue
-            if t is str:
-                if detect and len(v) > 9 and v[4] == "-" and v[7] == "-":
-                    r = parse_timestamp(v)
-                    if r is not None:
-                        cols[name], types[name] = r
-                        continue
-                cols[name] = v
-                types[name] = "STRING"
-            elif t is int:
-                if INT64_MIN <= v <= INT64_MAX:
-                    cols[name] = v
-                    types[name] = "INT64"
-                else:
-                    cols[name], types[name] = int_value(v)
-            elif t is dict:
-                if not v:
-                    continue
-                if deep:
-                    cols[name] = _json_col(v, name)
-                    types[name] = "JSON"
-                else:
-                    self._walk(v, self._sub(site, name), cols, types, row_id, ctx)
-            elif t is float:
-                cols[name] = v
-                types[name] = "FLOAT64"
-            elif t is bool:
-                cols[name] = v
-                types[name] = "BOOL"
-            elif t is list:
-                if not v:
-                    continue
-                if deep:
-                    cols[name] = _json_col(v, name)
-                    types[name] = "JSON"
-                else:
-                    self._array(v, name, site, cols, types, row_id, ctx)
-            elif v is None:
-                continue
-            else:
-                _unsupported(name, t)
+        """The reference walk: every value through :meth:`_value` (compiled plans are specialisations of it)."""
+        value = self._value
+        for name, v in zip(self._names(site, tuple(obj)), obj.values()):
+            value(v, name, site, cols, types, row_id, ctx)
 
     def _value(self, v: Any, name: str, site: _Site, cols: dict, types: dict, row_id: str, ctx: tuple) -> None:
-        """One value, generically (used by compiled plans when a value's type differs from the plan's)."""
+        """One value, generically: the one place the type rules live (the generic walk calls it per value;
+        compiled plans call it whenever a value's type differs from the plan's speculation)."""
         t = type(v)
         if self._percol and (t is str or t is int or t is float):
             r = self.column_override(v, name, site.table)

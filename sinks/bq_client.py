@@ -37,9 +37,10 @@ T = TypeVar("T")
 
 # 5xx, 429, timeouts and dropped connections: worth retrying. BigQuery also signals quota with 403
 # reason rateLimitExceeded / quotaExceeded, handled in _transient().
+# ChunkedEncodingError: the connection was reset mid-response (the request may have been served).
 TRANSIENT_EXCEPTIONS = (gexc.ServerError, gexc.TooManyRequests, gexc.RetryError, gexc.DeadlineExceeded,
-                        requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError,
-                        TimeoutError)
+                        requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                        requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)
 _INSERT_MAX_BYTES = 9 * 1024 * 1024  # insertAll request limit is 10 MB
 _ROW_MAX_BYTES = {"streaming_inserts": 10 * 1024 * 1024, "file_loads": 100 * 1024 * 1024}
 
@@ -318,14 +319,16 @@ class BigQueryTables:
             write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
             create_disposition=bigquery.CreateDisposition.CREATE_NEVER,
             schema_update_options=[bigquery.SchemaUpdateOption.ALLOW_FIELD_ADDITION])
-        attempt = 0
+        attempt = 0  # bumped only when a job with the current id failed: the id names one load attempt
+        tries = 0
         last: Optional[BaseException] = None
         for _ in range(self.opts.max_attempts):
             job_id = load_job_id(layout.table, rids, attempt)
             try:
                 # size=None -> resumable upload (bqemulator rejects load_table_from_json's multipart form).
+                # num_retries=0: the retries are this loop's (bounded, counted), not the upload library's.
                 job = self.client.load_table_from_file(
-                    io.BytesIO(data), self._ref(layout.table), job_id=job_id, job_config=cfg,
+                    io.BytesIO(data), self._ref(layout.table), job_id=job_id, job_config=cfg, num_retries=0,
                     timeout=self.opts.request_timeout_s)
                 job.result(timeout=self.opts.request_timeout_s, retry=None)
                 return []
@@ -344,9 +347,11 @@ class BigQueryTables:
                 if not _transient(exc):
                     raise
                 last = exc
-                attempt += 1
+                tries += 1
                 self.retries += 1
-                self._sleep(min(self.opts.initial_backoff_s * 2 ** (attempt - 1), self.opts.max_backoff_s))
+                self._sleep(min(self.opts.initial_backoff_s * 2 ** (tries - 1), self.opts.max_backoff_s))
+                # Same job id next time: if this request reached BigQuery (a connection reset mid-response),
+                # the retry gets a Conflict and the existing job's outcome decides (above): never a second load.
         raise _Exhausted(last or RuntimeError("load failed"), self.opts.max_attempts)
 
 

@@ -50,9 +50,9 @@ def test_flatten_preview_survives_a_hostile_file_and_masks(tmp_path):
     out = r.stdout
     assert "acme_events__accounts" in out and "customer__email" in out
     assert "111-22-3333" not in out and "a@b.c" not in out and "Ann" not in out and "GB00112233" not in out
-    for reason in ("malformed_json", "bad_utf8", "not_an_object", "too_deep", "bad_event_time"):
+    for reason in ("malformed_json", "bad_utf8", "not_an_object", "too_deep", "bad_event_time", "empty_line"):
         assert f"DEAD LETTER {reason}" in out, reason
-    assert "1 events flattened, 5 dead letters" in out
+    assert "1 events flattened, 6 dead letters" in out  # every line accounted for (the blank one too)
 
 
 def test_flatten_preview_without_contract(tmp_path):
