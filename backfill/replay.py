@@ -34,6 +34,7 @@ from backfill.spec import BackfillSpec
 from backfill.summary import CountOutcomes, counts_from, rows_include_duplicates, summary_line
 from flatten.records import RawMessage
 from ingest.contract import Contract, FileSource
+from ingest.mask_key import contract_mask_key
 
 __all__ = ["replay", "REPLAYS_TABLE"]
 
@@ -112,7 +113,7 @@ def _read_bigquery(target, contract: Contract, partner, reason, start_us, end_us
 
 def _prepare(contract: Contract, dls: list[dict]) -> tuple[list[RawMessage], list[dict], int]:
     """RawMessages with masked payloads; the dead letters replayed; how many could not be (no/undecodable payload)."""
-    from flatten.mask import ENC_PREFIX, Masker, load_mask_key
+    from flatten.mask import ENC_PREFIX, Masker
 
     m = contract.masking
     key = None
@@ -125,7 +126,7 @@ def _prepare(contract: Contract, dls: list[dict]) -> tuple[list[RawMessage], lis
             continue
         if payload.startswith(ENC_PREFIX):
             if key is None:
-                key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
+                key = contract_mask_key(m)
             p = contract.partner(d["partner"])
             masker = maskers.setdefault(p.name, Masker(p.columns, key))
             raw = masker.decrypt_unparsed(payload)

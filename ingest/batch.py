@@ -24,11 +24,12 @@ import orjson
 
 from flatten.core import FlattenError
 from flatten.fast import FastFlattener
-from flatten.mask import Masker, load_mask_key
+from flatten.mask import Masker
 from flatten.options import FlattenOptions
 from flatten.records import DeadLetter, Event, RawMessage, Reason, TableRow
 from ingest.contract import Contract, PartnerContract
 from ingest.envelope import EnvelopeParser
+from ingest.mask_key import contract_mask_key
 
 __all__ = ["BatchProcessor", "BatchResult", "Entry", "PARSE_STEP", "FLATTEN_STEP", "metric_columns"]
 
@@ -97,7 +98,7 @@ class BatchProcessor:
 
     def __init__(self, contract: Contract, keep_rows: bool = False):
         m = contract.masking
-        key = load_mask_key(m.key_env, m.key_file, m.allow_dev_key)
+        key = contract_mask_key(m)  # Secret Manager (key_secret), env var, file or dev key
         self._partners = {p.name: _Partner(p, key) for p in contract.partners}
         self._refs = Masker([], key)  # keyed payload refs (hmac-sha256:), as ParseEnvelope makes them
         self._keep_rows = keep_rows
