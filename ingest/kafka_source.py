@@ -441,8 +441,9 @@ class _LedgerCommitter:
     def pending(self) -> str:
         parts = []
         for topic, p in sorted(self._watched):
-            parts.append(f"{topic}/{p}: {ledger.kafka_pending(self.group, topic, p)} records in flight, "
-                         f"committed {self._committed.get((topic, p), '-')}")
+            parts.append(f"{topic}/{p}: committed {self._committed.get((topic, p), '-')}, to commit "
+                         f"{ledger.kafka_position(self.group, topic, p)}, "
+                         f"{ledger.kafka_pending(self.group, topic, p)} records not yet in the warehouse")
         return "; ".join(parts) or "nothing"
 
     def step(self) -> None:

@@ -242,7 +242,7 @@ class _PullFn(beam.DoFn):
         except exceptions.Cancelled:
             return []  # the client was closed by teardown (job cancelled); nothing was received
         except (exceptions.ServiceUnavailable, exceptions.NotFound, exceptions.InternalServerError,
-                exceptions.Unknown, exceptions.Aborted) as exc:
+                exceptions.Unknown, exceptions.Aborted, exceptions.RetryError) as exc:
             # The endpoint is down or restarted (an emulator forgets its subscriptions): an outage,
             # not a failure of the job. Logged once; the read keeps polling.
             if self._outage_since is None:

@@ -11,7 +11,8 @@ the code path of `headwater run`), the DuckDB warehouse. After the stream drains
 Sizes come from the environment so CI stays cheap while the full runs are one variable away:
 
     HEADWATER_E2E_KAFKA_EVENTS / HEADWATER_E2E_PUBSUB_EVENTS   full speed (CI 5000 / 1000; full 20000 / 5000)
-    HEADWATER_E2E_KILL_EVENTS (per source) at HEADWATER_E2E_RATE ev/s each, 3 SIGKILLs (CI 3000 at 200)
+    HEADWATER_E2E_KILL_EVENTS (per source) at HEADWATER_E2E_RATE ev/s each, 3 SIGKILLs (CI 3000 at 200;
+    the kill moments are random, HEADWATER_E2E_SEED replays them)
     HEADWATER_E2E_OUTAGE_EVENTS per source and phase (CI 1500)
 
 The outage test starts its *own* Kafka broker and Pub/Sub emulator on free ports (the shared ones
@@ -268,7 +269,8 @@ def test_full_speed_rows_and_aggregates_exact_for_every_user(live_services, tmp_
 def test_three_sigkills_at_random_moments_lose_and_double_count_nothing(live_services, tmp_path):
     n = _env_int("HEADWATER_E2E_KILL_EVENTS", 3000)
     rate = float(os.environ.get("HEADWATER_E2E_RATE", 200))
-    rnd = random.Random(os.environ.get("HEADWATER_E2E_SEED") or time.time_ns())
+    seed = int(os.environ.get("HEADWATER_E2E_SEED") or time.time_ns() % 1_000_000)
+    rnd = random.Random(seed)  # the kill moments; HEADWATER_E2E_SEED replays a run's
     contract, path = _contract(tmp_path, live_services.kafka_bootstrap)
     kafka_msgs, kafka_users = _messages(contract, "orbit_live", n, seed=2)
     pubsub_msgs, pubsub_users = _messages(contract, "acme_live", n, seed=2)
@@ -298,9 +300,10 @@ def test_three_sigkills_at_random_moments_lose_and_double_count_nothing(live_ser
             _committed_everything(contract)
     finally:
         rc = job.stop()
-    assert settled, f"kills at rows {kills}; " + _report(contract, total, expected, job)
+    assert settled, f"HEADWATER_E2E_SEED={seed}, kills at rows {kills}; " + _report(contract, total, expected, job)
     assert rc == 0, job.text()[-3000:]
-    print(f"\nkills at {kills} rows of {2 * n}: rows exact, {len(expected)} users' aggregates exact")
+    print(f"\nHEADWATER_E2E_SEED={seed}: kills at {kills} rows of {2 * n}: rows exact, "
+          f"{len(expected)} users' aggregates exact")
 
 
 # -- outages ------------------------------------------------------------------------------------------
