@@ -31,7 +31,7 @@ import orjson
 from backfill.ledger import Counts
 from backfill.planner import make_target
 from backfill.spec import BackfillSpec
-from backfill.summary import CountOutcomes, counts_from, rows_include_duplicates, summary_line
+from backfill.summary import CountOutcomes, LiveCount, counts_from, rows_include_duplicates, summary_line
 from flatten.records import RawMessage
 from ingest.contract import Contract, FileSource
 
@@ -191,8 +191,9 @@ def replay(contract: Contract, partner: Optional[str] = None, reason: Optional[s
     _ = (o.rows, o.dead_letters) | "CountOutcomes" >> CountOutcomes([x.table.name for x in rc.partners])
     _ = HeadwaterOutputs(o.rows, o.aggregates, o.dead_letters) | "WriteWarehouse" >> WriteWarehouse(rc)
     t0 = time.monotonic()
-    result = p.run()
-    state = str(result.wait_until_finish())
+    with LiveCount(err, "dead letters replayed"):
+        result = p.run()
+        state = str(result.wait_until_finish())
     counts = counts_from(result, rows_include_duplicates(rc))
     failed = _failed_again(target, contract)
     tables: dict = {}
