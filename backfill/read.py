@@ -67,8 +67,8 @@ class _KeepEventRangeFn(beam.DoFn):
 class ReadChunks(beam.PTransform):
     """PBegin -> PCollection[RawMessage] (in range); ``.dead_letters``: PCollection[DeadLetter] of unreadable files/lines.
 
-    ``chunks``: ``(uri, size, mtime_s)`` triples. Bounded; one chunk is read by one worker,
-    records are then reshuffled.
+    ``chunks``: ``(uri, size, mtime_s)`` triples. Bounded; chunks are reshuffled across workers, one chunk
+    is read by one worker, its records stay in that stage.
     """
 
     def __init__(self, chunks: Sequence[tuple[str, int, float]], partner: str, envelope: EnvelopeSpec, fmt: str,
@@ -97,4 +97,7 @@ class ReadChunks(beam.PTransform):
         msgs = read.messages
         if self._range != (None, None):
             msgs = msgs | "KeepEventRange" >> beam.ParDo(_KeepEventRangeFn(self._envelope, *self._range))
-        return msgs | "Reshuffle" >> beam.Reshuffle()
+        # No reshuffle of the records: the bounded job batches them in the same stage (ingest.bounded keeps
+        # documents out of shuffles; the local runner holds whatever crosses one in memory). Files are
+        # spread across workers above.
+        return msgs

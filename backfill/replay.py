@@ -30,8 +30,9 @@ import orjson
 
 from backfill.ledger import Counts
 from backfill.planner import make_target
+from backfill.signals import Stopped, exit_code, stop_on_signals
 from backfill.spec import BackfillSpec
-from backfill.summary import CountOutcomes, counts_from, rows_include_duplicates, summary_line
+from backfill.summary import CountOutcomes, LiveCount, counts_from, rows_include_duplicates, summary_line
 from flatten.records import RawMessage
 from ingest.contract import Contract, FileSource
 from ingest.mask_key import contract_mask_key
@@ -192,8 +193,15 @@ def replay(contract: Contract, partner: Optional[str] = None, reason: Optional[s
     _ = (o.rows, o.dead_letters) | "CountOutcomes" >> CountOutcomes([x.table.name for x in rc.partners])
     _ = HeadwaterOutputs(o.rows, o.aggregates, o.dead_letters) | "WriteWarehouse" >> WriteWarehouse(rc)
     t0 = time.monotonic()
-    result = p.run()
-    state = str(result.wait_until_finish())
+    try:
+        with stop_on_signals(), LiveCount(err, "dead letters replayed"):
+            result = p.run()
+            state = str(result.wait_until_finish())
+    except Stopped as stop:
+        out.write(f"replay {rid}: stopped by {stop.name} before the apply: nothing changed in the warehouse "
+                  "(staging is dropped); rerun to replay\n")
+        target.drop_staging()
+        return exit_code(stop)
     counts = counts_from(result, rows_include_duplicates(rc))
     failed = _failed_again(target, contract)
     tables: dict = {}

@@ -13,7 +13,6 @@ backfill rerun with the same id changes nothing (the ledger says it was applied)
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -25,18 +24,11 @@ import orjson
 from backfill.chunks import Chunk, iter_chunks
 from backfill.ledger import Counts, summary_line
 from backfill.planner import make_target
+from backfill.signals import Stopped, exit_code, stop_on_signals
 from backfill.spec import BackfillSpec
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]
-
-
-class Stopped(BaseException):
-    """SIGINT/SIGTERM during a backfill (BaseException: Beam's runner must not swallow it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _params(spec: BackfillSpec, target) -> dict:
@@ -163,74 +155,67 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
     if not target.staging_exists():
         target.seed_staging(partner.name, partner.table)
 
-    stopped: list[int] = []
-
-    def on_signal(signum, _frame):
-        stopped.append(signum)
-        raise Stopped(signum)
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    spool = None
-    bar = None
-    skipped = ran = 0
-    try:
-        t0 = time.monotonic()
-        spool, nchunks, nbytes = _spool(spec.patterns)
-        if nchunks == 0:
-            raise ContractError(f"--source: no chunk matches {list(spec.patterns)}")
-        err.write(f"headwater: backfill {bid}: {nchunks:,} chunks, {nbytes:,} bytes, mode {spec.mode}, "
-                  f"events {spec.describe_range()}, into {target.kind} (staging {target.staging_name})\n")
-        bar = _Progress(err, nchunks, nbytes)
-        wave_no = ledger.next_wave(bid)
-        for wave in _waves(spool, spec.wave_chunks):
-            done = ledger.done(bid, wave)
-            seen: set[str] = set()
-            todo = []
-            for c in wave:
-                if c.uri not in done and c.uri not in seen:
-                    todo.append(c)
-                seen.add(c.uri)
-            skipped += len(wave) - len(todo)
-            if not todo:
-                bar.done(len(wave), 0, 0)
-                continue
-            bar.wave_started()
-            started = int(time.time() * 1_000_000)
-            counts = run_wave(contract, spec, todo, target.staging_warehouse, beam_argv)
-            ledger.record_wave(bid, wave_no, todo, counts, started)
-            if not counts.reconciled:
-                err.write(f"headwater: wave {wave_no} does not reconcile: {summary_line(counts)}\n")
-            wave_no += 1
-            ran += len(todo)
-            bar.done(len(wave), sum(c.size for c in todo), counts.events_in)
-        bar.close()
+    with stop_on_signals():
+        spool = None
         bar = None
-        err.write(f"headwater: {ran:,} chunks staged in {time.monotonic() - t0:.1f}s"
-                  f"{f', {skipped:,} already staged (skipped)' if skipped else ''}; applying ({spec.mode})\n")
-        result = target.apply(spec, partner.name, partner.table)
-        _, total, _ = ledger.staged_totals(bid)
-        code = _summarize(out, partner.table.name, spec, total, result)
-        if not keep_staging:
-            target.drop_staging()
-        return code
-    except Stopped as stop:
-        if bar is not None:
+        skipped = ran = 0
+        applying = False
+        try:
+            t0 = time.monotonic()
+            spool, nchunks, nbytes = _spool(spec.patterns)
+            if nchunks == 0:
+                raise ContractError(f"--source: no chunk matches {list(spec.patterns)}")
+            err.write(f"headwater: backfill {bid}: {nchunks:,} chunks, {nbytes:,} bytes, mode {spec.mode}, "
+                      f"events {spec.describe_range()}, into {target.kind} (staging {target.staging_name})\n")
+            bar = _Progress(err, nchunks, nbytes)
+            wave_no = ledger.next_wave(bid)
+            for wave in _waves(spool, spec.wave_chunks):
+                done = ledger.done(bid, wave)
+                seen: set[str] = set()
+                todo = []
+                for c in wave:
+                    if c.uri not in done and c.uri not in seen:
+                        todo.append(c)
+                    seen.add(c.uri)
+                skipped += len(wave) - len(todo)
+                if not todo:
+                    bar.done(len(wave), 0, 0)
+                    continue
+                bar.wave_started()
+                started = int(time.time() * 1_000_000)
+                counts = run_wave(contract, spec, todo, target.staging_warehouse, beam_argv)
+                ledger.record_wave(bid, wave_no, todo, counts, started)
+                if not counts.reconciled:
+                    err.write(f"headwater: wave {wave_no} does not reconcile: {summary_line(counts)}\n")
+                wave_no += 1
+                ran += len(todo)
+                bar.done(len(wave), sum(c.size for c in todo), counts.events_in)
             bar.close()
-        waves, total, staged = ledger.staged_totals(bid)
-        name = "SIGINT" if stop.signum == signal.SIGINT else "SIGTERM"
-        out.write(f"backfill {bid}: stopped by {name}: {staged:,} chunks staged in {waves} waves "
-                  f"({total.events_in:,} records read), nothing applied yet. Rerun with --id {bid} to resume.\n")
-        return 130 if stop.signum == signal.SIGINT else 143
-    finally:
-        if bar is not None:
-            bar.close()
-        if spool:
-            os.unlink(spool)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            bar = None
+            err.write(f"headwater: {ran:,} chunks staged in {time.monotonic() - t0:.1f}s"
+                      f"{f', {skipped:,} already staged (skipped)' if skipped else ''}; applying ({spec.mode})\n")
+            applying = True
+            result = target.apply(spec, partner.name, partner.table)
+            _, total, _ = ledger.staged_totals(bid)
+            code = _summarize(out, partner.table.name, spec, total, result)
+            if not keep_staging:
+                target.drop_staging()
+            return code
+        except Stopped as stop:
+            if bar is not None:
+                bar.close()
+                bar = None
+            waves, total, staged = ledger.staged_totals(bid)
+            state = ("the apply was interrupted (each statement is atomic and idempotent; DuckDB's apply rolled "
+                     "back)" if applying else "nothing applied yet")
+            out.write(f"backfill {bid}: stopped by {stop.name}: {staged:,} chunks staged in {waves} waves "
+                      f"({total.events_in:,} records read), {state}. Rerun with --id {bid} to resume.\n")
+            return exit_code(stop)
+        finally:
+            if bar is not None:
+                bar.close()
+            if spool:
+                os.unlink(spool)
 
 
 def _summarize(out: TextIO, main_table: str, spec: BackfillSpec, waves: Counts, result: dict,

@@ -106,10 +106,17 @@ def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = 
     p = beam.Pipeline(options=pipeline_options(contract, beam_argv))
     outputs = build(p, contract)
     _ = (outputs.rows, outputs.dead_letters) | "CountOutcomes" >> CountOutcomes(p.table.name for p in contract.partners)
+    from backfill.signals import Stopped, exit_code, stop_on_signals
+
     t0 = time.monotonic()
-    with LiveCount(err):
-        result = p.run()
-        state = str(result.wait_until_finish())
+    try:
+        with stop_on_signals(), LiveCount(err):
+            result = p.run()
+            state = str(result.wait_until_finish())
+    except Stopped as stop:
+        out.write(f"headwater: stopped by {stop.name} before the job finished; rows already written are "
+                  "idempotent (deterministic row ids): rerun the same command to complete it\n")
+        return exit_code(stop)
     c = counts_from(result, rows_include_duplicates(contract))
     out.write(f"headwater: job finished in state {state} in {time.monotonic() - t0:.1f}s\n")
     out.write(f"Reconciliation: {summary_line(c)}\n")

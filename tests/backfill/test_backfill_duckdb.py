@@ -136,3 +136,36 @@ def test_history_is_reconciled_against_the_live_schema(tmp_path):
             con.close()
 
     assert table("live.duckdb") == table("ref.duckdb")
+
+
+def test_avro_and_jsonl_chunks_in_one_backfill(tmp_path):
+    import fastavro
+
+    from backfill.planner import build_plan
+
+    schema = fastavro.parse_schema({"type": "record", "name": "E", "fields": [
+        {"name": "id", "type": "string"}, {"name": "timestamp", "type": "string"},
+        {"name": "user", "type": {"type": "record", "name": "U", "fields": [{"name": "id", "type": "string"}]}},
+        {"name": "amount", "type": "long"}]})
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for k in range(3):
+        with open(d / f"part-{k}.avro", "wb") as fh:
+            fastavro.writer(fh, schema, [{"id": f"a{k}_{i}", "timestamp": f"2026-03-0{k + 1}T10:{i:02d}:00Z",
+                                          "user": {"id": "u"}, "amount": i} for i in range(30)])
+        with gzip.open(d / f"part-{k}.jsonl.gz", "wb") as fh:
+            fh.write(b"".join(orjson.dumps({"id": f"j{k}_{i}", "timestamp": f"2026-03-0{k + 1}T11:{i:02d}:00Z",
+                                            "user": {"id": "u"}, "amount": i}) + b"\n" for i in range(20)))
+    db = tmp_path / "wh.duckdb"
+    live = parse_contract({"warehouse": {"kind": "duckdb", "path": str(db)},
+                           "partners": [{"name": "acme", "sources": [{"kind": "file", "pattern": str(d / "*")}],
+                                         "table": {"name": "acme_events"}}]})
+    spec = BackfillSpec(partner="acme", patterns=(str(d / "*.avro"), str(d / "*.jsonl.gz")), backfill_id="mixed",
+                        start_us=D1 + DAY_US, wave_chunks=4)
+    plan = build_plan(live, spec, sample=6)
+    assert plan["chunks"]["count"] == 6 and plan["sample"]["records"] == 150 and plan["sample"]["in_range"] == 100
+    out = io.StringIO()
+    assert run_backfill(live, spec, out=out, err=io.StringIO()) == 0, out.getvalue()
+    assert "150 records in = 100 rows + 0 dead letters + 0 duplicates + 50 out of range -> OK" in out.getvalue()
+    assert _q(db, "SELECT count(*), count(DISTINCT _row_id), min(_event_id), max(_event_id) FROM acme_events") == \
+        [(100, 100, "a1_0", "j2_9")]
