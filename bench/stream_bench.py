@@ -124,6 +124,25 @@ def publish(contract, partner: str, ids: list[str], rate: float, rng: random.Ran
     send_payloads(contract, partner, events(), rate=rate, key_attribute="user_key")
 
 
+def stop_leftover_prism(work: Path) -> int:
+    """Stop Prism processes this bench's job started (their working directory is the bench's): the job's
+    process exits without waiting for its runner subprocess (``deploy.cli.exit_after_streaming``)."""
+    stopped = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.readlink(proc / "cwd") != str(work):
+                continue
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if cmd.endswith(b"prism"):
+            os.kill(int(proc.name), signal.SIGTERM)
+            stopped += 1
+    return stopped
+
+
 def percentile(xs: list[float], p: float) -> float:
     if not xs:
         return float("nan")
@@ -225,6 +244,7 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             job.kill()
             job.wait()
+        stop_leftover_prism(work)
     backlog = results[-1] if results else {}
     steady = results[0] if results else {}
     print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s; steady {args.rate:,.0f}/s: "

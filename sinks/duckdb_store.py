@@ -36,6 +36,10 @@ from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["DuckDBWarehouse", "duck_type", "open_readonly"]
 
+#: DuckDB worker threads of a write connection. Writes run beside the pipeline (the sink's writer thread),
+#: and with DuckDB's default (one per core) the same inserts took 30-40 % more CPU on the 2-core machine
+#: (71-78 vs 41-51 CPU-us per event, bench/README.md): its threads contend with the pipeline's.
+WRITE_THREADS = 1
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 _BQ_TO_DUCK = {
@@ -93,12 +97,17 @@ class DuckDBWarehouse:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.path)
+                con = duckdb.connect(self.path)
             except duckdb.IOException as exc:  # another process holds the file: transient, bounded retry
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            # a SET, not a connect-time config: another connection of this process to the same file (a reader)
+            # must not fail on "different configuration"
+            con.execute(f"SET threads = {WRITE_THREADS}")
+            return con
 
     def _with_conn(self, fn):
         with self._lock:
