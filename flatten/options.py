@@ -37,8 +37,9 @@ class ColumnAnnotation(_Frozen):
     """A sensitive-column annotation from the partner's contract."""
 
     path: str = Field(
-        description="Dotted path into the event; '*' matches any one key, "
-        "'[]' any list element: 'user.ssn', 'user.*.ssn', 'accounts[].number'."
+        description="Dotted path into the event; '*' matches any key(s), "
+        "'[]' any list element: 'user.ssn', 'user.*.ssn', 'accounts[].number'. Matched by column-name tokens "
+        "whatever the shape on the way (literal dotted keys, objects for lists, lists of lists; docs/flatten.md)."
     )
     pii: PiiPolicy
     keep_last: int = Field(4, ge=0, le=16, description="redact: trailing characters kept.")

@@ -47,19 +47,41 @@ POLICIES = ["hash", "tokenize", "redact", "drop"]
 ENV = EnvelopeSpec(event_id="id", user_id="user.id", event_time="timestamp", max_nesting=40,
                    max_payload_bytes=200_000)
 
-secret_text = st.text("abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ", min_size=12, max_size=12).map(lambda s: "RAW" + s)
+_LETTERS = "abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ"
+
+
+def _letters(n: int) -> str:
+    out = []
+    for _ in range(12):
+        n, r = divmod(n, len(_LETTERS))
+        out.append(_LETTERS[r])
+    return "RAW" + "".join(out)
+
+
+# one draw per secret (cheap to generate: the long run draws millions)
+secret_text = st.integers(0, len(_LETTERS) ** 12 - 1).map(_letters)
 secret_int = st.integers(10**13, 10**15).map(lambda n: n * 1000 + 777) | st.integers(2**66, 2**70)
 secret = secret_text | secret_int
-filler = st.recursive(st.none() | st.booleans() | st.integers(-1000, 1000) | st.text("xyz ", max_size=5),
-                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["x", "y", "z"]),
-                                                                                  inner, max_size=3),
-                      max_leaves=6)
+filler = st.sampled_from([None, True, -7, 3.5, "x", "", [], {}, [1, "y", None], {"x": {"y": [None, 2]}},
+                          [[{"z": "q"}]], {"items": [{"x": 1}, {"x": "2"}]}])
 
 
-@st.composite
+# Strategies are built once (hypothesis validates each strategy object on first use: building them per draw
+# made generation dominate the long run).
+_STEPS = {p: [st.sampled_from(opts) for opts in steps] for p, steps in POOL.items()}
+_INT = {n: st.integers(0, n) for n in (1, 2, 4, 5, 10, 99)}
+_BOOL = st.booleans()
+_SEP = st.sampled_from([".", "_", "__", "-", " "])
+_PATHS = st.lists(st.sampled_from(sorted(POOL)), min_size=1, max_size=4, unique=True)
+_POLICY = st.sampled_from(POLICIES)
+_KEEP = st.integers(0, 6)
+_TOP = st.dictionaries(st.sampled_from(["a", "b", "items", "meta"]), filler, max_size=3)
+_BAD_TIME = st.sampled_from(["soon", 17, "2026-13-45"])
+
+
 def leaf(draw, secrets: list):
     """The annotated value: a secret, a list (of lists) of secrets, or an object holding secrets."""
-    kind = draw(st.integers(0, 4))
+    kind = draw(_INT[4])
     s = draw(secret)
     secrets.append(s)
     if kind <= 1:
@@ -67,24 +89,22 @@ def leaf(draw, secrets: list):
     if kind == 2:
         t = draw(secret)
         secrets.append(t)
-        return [s, [t]] if draw(st.booleans()) else [s, t, None]
+        return [s, [t]] if draw(_BOOL) else [s, t, None]
     if kind == 3:
         return {"full": s, "n": draw(filler)}
     return [{"v": s}]
 
 
-@st.composite
-def planted(draw, path: str, secrets: list):
+def planted(draw, path: str, secrets: list) -> dict:
     """A fragment placing a leaf at ``path`` (drifted), as a dict to merge into the document."""
-    steps = [draw(st.sampled_from(opts)) for opts in POOL[path]]
-    value = draw(leaf(secrets))
+    steps = [draw(opts) for opts in _STEPS[path]]
+    node = leaf(draw, secrets)
     # build inside-out; at each step choose: nested object, list around it, or fuse with the next key
-    node = value
     for i in range(len(steps) - 1, -1, -1):
-        how = draw(st.integers(0, 5))
+        how = draw(_INT[5])
         if how == 0 and i + 1 < len(steps) and isinstance(node, dict) and len(node) == 1:
             (k, v), = node.items()
-            node = {f"{steps[i]}{draw(st.sampled_from(['.', '_', '__', '-', ' ']))}{k}": v}  # literal dotted key
+            node = {f"{steps[i]}{draw(_SEP)}{k}": v}  # literal dotted key
             continue
         if how == 1:
             node = [node]
@@ -107,21 +127,20 @@ def _merge(a: dict, b: dict) -> dict:
 @st.composite
 def case(draw):
     """(annotations, payload bytes, planted secrets)."""
-    paths = draw(st.lists(st.sampled_from(sorted(POOL)), min_size=1, max_size=4, unique=True))
-    anns = [ColumnAnnotation(path=p, pii=draw(st.sampled_from(POLICIES)), keep_last=draw(st.integers(0, 6)))
-            for p in paths]
+    paths = draw(_PATHS)
+    anns = [ColumnAnnotation(path=p, pii=draw(_POLICY), keep_last=draw(_KEEP)) for p in paths]
     secrets: list = []
-    doc: dict = draw(st.dictionaries(st.sampled_from(["a", "b", "items", "meta"]), filler, max_size=3))
+    doc: dict = draw(_TOP)
     for p in paths:
-        for _ in range(draw(st.integers(1, 2))):
-            doc = _merge(doc, draw(planted(p, secrets)))
-    env = draw(st.integers(0, 10))  # 1..5: a way to become a dead letter; else a well-formed envelope
+        for _ in range(1 + draw(_INT[1])):
+            doc = _merge(doc, planted(draw, p, secrets))
+    env = draw(_INT[10])  # 1..5: a way to become a dead letter; else a well-formed envelope
     env = env if env <= 5 else 0
     if env != 1:
-        doc.setdefault("id", f"e{draw(st.integers(0, 99))}")
+        doc.setdefault("id", f"e{draw(_INT[99])}")
     if env != 2 and isinstance(doc.get("user", {}), dict):
         doc["user"] = {**doc.get("user", {}), "id": "u1"}
-    doc["timestamp"] = "2026-03-01T12:00:00Z" if env != 3 else draw(st.sampled_from(["soon", 17, "2026-13-45"]))
+    doc["timestamp"] = "2026-03-01T12:00:00Z" if env != 3 else draw(_BAD_TIME)
     items = list(doc.items())
     order = draw(st.permutations(range(len(items))))
     doc = dict(items[i] for i in order)

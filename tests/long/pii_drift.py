@@ -1,6 +1,8 @@
 """Long run (not collected by pytest, not in CI): the drifted-PII property on many examples.
 
-    HEADWATER_LOCAL=... python tests/long/pii_drift.py [--examples 100000]
+    HEADWATER_LOCAL=... python tests/long/pii_drift.py [--examples 100000] [--seed N]
+
+(Independent runs with different seeds can share the examples: two of 50,000 on two cores.)
 
 Runs ``tests/ingest/test_pii_drift_property.py``'s property (ParseEnvelope + FlattenEvents stages, compiled
 and Python paths, every output scanned for every planted raw value) on N hypothesis examples and prints
@@ -16,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 from flatten.fast import native_available  # noqa: E402
 from tests.ingest import test_pii_drift_property as prop  # noqa: E402
@@ -25,6 +27,7 @@ from tests.ingest import test_pii_drift_property as prop  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=None, help="hypothesis seed (independent runs in parallel)")
     args = ap.parse_args(argv)
     seen = collections.Counter()
     t0 = time.monotonic()
@@ -38,11 +41,20 @@ def main(argv=None) -> int:
         seen["examples"] += 1
         seen["secrets"] += len(secrets)
         seen["dead_letter" if any(o.startswith(b"hmac-sha256:") for o in outputs) else "rows"] += 1
-        prop.assert_no_raw(secrets, outputs)
-        if seen["examples"] % 10_000 == 0:
-            print(f"  {seen['examples']:,} examples, {time.monotonic() - t0:,.0f}s", flush=True)
+        try:
+            prop.assert_no_raw(secrets, outputs)
+        except AssertionError:
+            seen["failures"] += 1  # (hypothesis then shrinks and reports it; counted so progress lines show it)
+            raise
+        finally:
+            if seen["examples"] % 10_000 == 0:
+                print(f"  {seen['examples']:,} examples, {seen['failures']} failing, {time.monotonic() - t0:,.0f}s",
+                      flush=True)
 
-    print(f"pii drift property: {args.examples:,} examples, native accelerator: {native_available()}", flush=True)
+    print(f"pii drift property: {args.examples:,} examples, seed {args.seed}, native accelerator: "
+          f"{native_available()}", flush=True)
+    if args.seed is not None:
+        run = seed(args.seed)(run)
     try:
         run()
     except AssertionError as exc:
