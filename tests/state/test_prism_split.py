@@ -34,7 +34,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
 
-from ingest.runner import PRISM_EXPERIMENTS, runner_options
+from ingest.runner import PRISM_EXPERIMENTS, runner_options, stop_local_runners
 
 N = int(os.environ.get("HEADWATER_PRISM_SPLIT_N", "20000"))
 KEYS = 200
@@ -96,6 +96,11 @@ class _Append(beam.DoFn):
 
 
 def _run(argv: list[str], out: str) -> tuple[dict[str, int], float]:
+    # Beam's PrismRunner shares ONE job server per process (PrismRunner.shared_handle), built with the
+    # options of the first Prism job: after an earlier test's DirectRunner tried Prism without
+    # --prism_location, this job would reuse that server and try to download Prism from GitHub (seen in the
+    # full suite). A fresh server with this job's options:
+    stop_local_runners()
     started = time.monotonic()
     p = beam.Pipeline(options=PipelineOptions(argv))
     _ = (p
