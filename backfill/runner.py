@@ -4,6 +4,7 @@
     for each wave of ``wave_chunks`` chunks:   skip chunks the ledger has (same generation)
         Beam run (backfill.wave) -> staging;   ledger: chunk rows + the wave's counts
     apply staging -> live tables per mode (backfill.target_*), ledger: apply row
+    aggregates pass (backfill.aggregates): keys with rows in [from, to) recomputed from the warehouse rows
     summary: records in = rows + dead letters + duplicates + out of range -> OK, else exit 1
 
 SIGINT/SIGTERM stop between or inside a wave: what was staged stays in the ledger, the
@@ -146,7 +147,9 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
         out.write(f"backfill {bid}: already applied ({nchunks:,} chunks in {waves} waves); nothing to do\n")
         if not keep_staging:
             target.drop_staging()
-        return _summarize(out, partner.table.name, spec, total, applied, rerun=True)
+        code = _summarize(out, partner.table.name, spec, total, applied, rerun=True)
+        _aggregates(contract, partner, spec, out)  # writes nothing when the aggregates are already exact
+        return code
     if prev is None:
         ledger.record_params(bid, params)
     elif ledger.staged_totals(bid)[2] and not target.staging_exists():
@@ -198,6 +201,7 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
             result = target.apply(spec, partner.name, partner.table)
             _, total, _ = ledger.staged_totals(bid)
             code = _summarize(out, partner.table.name, spec, total, result)
+            _aggregates(contract, partner, spec, out)
             if not keep_staging:
                 target.drop_staging()
             return code
@@ -216,6 +220,18 @@ def run_backfill(contract: Contract, spec: BackfillSpec, beam_argv: Sequence[str
                 bar.close()
             if spool:
                 os.unlink(spool)
+
+
+def _aggregates(contract: Contract, partner, spec: BackfillSpec, out: TextIO) -> None:
+    """The aggregates pass (backfill.aggregates): one final row per (key, window) of the keys with rows in
+    the backfill's range, recomputed from all of their warehouse rows; nothing for keys already exact."""
+    from backfill.aggregates import run_aggregates_pass, touched_keys
+
+    if not partner.aggregates:
+        return
+    keys = touched_keys(contract, partner.name, spec.start_us, spec.end_us)
+    res = run_aggregates_pass(contract, partner.name, keys)
+    out.write(f"  {res.line()}\n")
 
 
 def _summarize(out: TextIO, main_table: str, spec: BackfillSpec, waves: Counts, result: dict,

@@ -10,7 +10,7 @@
     headwater backfill run  --config FILE --partner P --source GLOB... --id ID [...] [beam options ...]
     headwater replay --config FILE [--partner P] [--reason R] [--from T --to T] [--id ID]
     headwater manifest --config FILE [--write]   step names / coders / state specs vs the checked-in manifest
-    headwater verify --config FILE [--partner P] [--since T] [--json]   aggregates vs a recomputation from the rows
+    headwater verify --config FILE [--partner P] [--since T] [--json] [--repair] aggregates vs a recomputation from the rows
     headwater deploy plan|build|launch|update|drain|status ...   Dataflow (deploy/commands.py, docs/deploy.md)
     headwater audit --config FILE [--sample N] [--log FILE] [--json]   raw PII where only masked values belong
 """
@@ -218,7 +218,7 @@ def _cmd_verify(args) -> int:
     from deploy.verify import VerifyUsageError, WarehouseReadError, run_verify
 
     try:
-        return run_verify(_load(args.config), args.partner, args.since, args.json, top=args.top)
+        return run_verify(_load(args.config), args.partner, args.since, args.json, top=args.top, repair=args.repair)
     except (VerifyUsageError, WarehouseReadError) as exc:
         print(f"headwater verify: {exc}", file=sys.stderr)
         return 2
@@ -231,6 +231,8 @@ def _add_verify(sub) -> None:
     s.add_argument("--since", help="only keys with events since T (ISO-8601 time, or a duration back from now: 6h, 2d)")
     s.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     s.add_argument("--top", type=int, default=5, help="largest differences listed per aggregate (default 5)")
+    s.add_argument("--repair", action="store_true",
+                   help="on drift, write the recomputed rows of the keys that differ or are missing, then verify again")
 
 
 def _cmd_audit(args) -> int:

@@ -260,12 +260,26 @@ def render_json(report: VerifyReport, out: TextIO) -> None:
 
 
 def run_verify(contract, partner: Optional[str], since: Optional[str], as_json: bool, top: int = 5,
-               out: Optional[TextIO] = None) -> int:
-    """The command: 0 exact, 1 drift; usage and warehouse errors raise (the CLI maps them to exit 2)."""
+               out: Optional[TextIO] = None, repair: bool = False) -> int:
+    """The command: 0 exact, 1 drift; usage and warehouse errors raise (the CLI maps them to exit 2).
+
+    ``repair``: on drift, write the recomputed rows of the keys that differ or are missing
+    (backfill.aggregates), then verify again; the exit code is the second verify's."""
     if partner is not None:
         contract.partner(partner)  # ContractError naming the partners there are
-    report = verify(contract, partner, parse_since(since), top=top)
-    (render_json if as_json else render_text)(report, out or sys.stdout)
+    out = out or sys.stdout
+    since_us = parse_since(since)
+    report = verify(contract, partner, since_us, top=top)
+    if repair and not report.ok:
+        from backfill.aggregates import run_aggregates_pass, touched_keys
+
+        if not as_json:
+            render_text(report, out)
+        keys = touched_keys(contract, partner, since_us, None) if since_us is not None else None
+        res = run_aggregates_pass(contract, partner, keys)
+        print(f"verify --repair: {res.line()}; verifying again", file=sys.stderr if as_json else out)
+        report = verify(contract, partner, since_us, top=top)
+    (render_json if as_json else render_text)(report, out)
     return 0 if report.ok else 1
 
 
