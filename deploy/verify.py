@@ -16,6 +16,7 @@ Per aggregate the report counts keys that
 
 ``--since T`` checks only keys with an event at or after ``T`` (their aggregates are still
 recomputed from all of their rows); extra rows are only looked for without ``--since``.
+``--repair`` writes the recomputed rows of differing/missing keys (backfill.aggregates), then verifies again.
 Design and limits: docs/state.md, "Verify".
 """
 from __future__ import annotations
