@@ -12,8 +12,9 @@ waves compute no aggregates. This pass does, once, from the warehouse itself:
 The row's ``watermark`` is the later of the key's state clock (latest event time + 1 us) and the
 watermark of the latest row it supersedes, and sliding windows are read as of it, so
 ``headwater verify`` (which recomputes each window as of its latest row's watermark) finds it exact.
-The version follows the stream's rule (``version = max(previous + 1, W)``, state/aggregate.py), so
-the stream's next emission for that key still supersedes it.
+The version follows the stream's rule (``version = max(previous + 1, W)``, state/aggregate.py). A
+stream still running for the key does not hold the backfilled history in its state: its next
+emission supersedes this row and verify reports the key again (docs/backfill.md, "Aggregates").
 
 Idempotent: a (key, window) whose latest row already equals the recomputation gets no row, so a
 rerun writes nothing. Keys verify reports as *extra* (aggregate rows without any event row) are
