@@ -219,6 +219,14 @@ def _committed_everything(contract: Contract) -> None:
     assert _pubsub_backlog(contract) == 0
 
 
+def _verify_exit_code(path: Path) -> tuple[int, str]:
+    """`headwater verify --config PATH`: the operator's check of the same claim (exit 0: no drift)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "deploy.cli", "verify", "--config", str(path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout + r.stderr
+
+
 def _no_unhandled_errors(log: str) -> None:
     assert "Exception in thread" not in log, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
@@ -260,6 +268,8 @@ def test_full_speed_rows_and_aggregates_exact_for_every_user(live_services, tmp_
     assert rc == 0 and "job: final state CANCELLED" in job.text(), job.text()[-3000:]
     _no_unhandled_errors(job.text())
     assert not wait_no_runner(job.marker, marker=MARKER), "a runner process outlived the job (SIGTERM)"
+    code, out = _verify_exit_code(path)
+    assert code == 0, out
     print(f"\nfull speed: {n_kafka}+{n_pubsub} events, {len(expected)} users exact; published in "
           f"{published:.1f}s, rows and aggregates exact {elapsed:.1f}s after launch "
           f"({(n_kafka + n_pubsub) / elapsed:.0f} ev/s end to end)")
@@ -302,6 +312,8 @@ def test_three_sigkills_at_random_moments_lose_and_double_count_nothing(live_ser
         rc = job.stop()
     assert settled, f"HEADWATER_E2E_SEED={seed}, kills at rows {kills}; " + _report(contract, total, expected, job)
     assert rc == 0, job.text()[-3000:]
+    code, out = _verify_exit_code(path)
+    assert code == 0, out
     print(f"\nHEADWATER_E2E_SEED={seed}: kills at {kills} rows of {2 * n}: rows exact, "
           f"{len(expected)} users' aggregates exact")
 
