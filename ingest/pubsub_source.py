@@ -247,8 +247,16 @@ class _PullFn(beam.DoFn):
             # not a failure of the job. Logged once; the read keeps polling.
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
-                _LOG.warning("partner %s: pulling %s fails (%s: %s); retrying", self._partner, subscription,
-                             type(exc).__name__, str(exc)[:300])
+                if isinstance(exc, exceptions.NotFound):
+                    # Said plainly: a restarted emulator forgets its topics and subscriptions, and a deleted
+                    # subscription on Cloud Pub/Sub never comes back by itself; the read waits for it.
+                    _LOG.warning("partner %s: subscription %s does not exist (deleted, or the emulator restarted "
+                                 "and forgot it); no messages can arrive until it is created again "
+                                 "(headwater publish or gcloud pubsub subscriptions create); retrying",
+                                 self._partner, subscription)
+                else:
+                    _LOG.warning("partner %s: pulling %s fails (%s: %s); retrying", self._partner, subscription,
+                                 type(exc).__name__, str(exc)[:300])
             time.sleep(min(1.0, PULL_TIMEOUT_SECONDS))
             return []
         if self._outage_since is not None:
