@@ -54,7 +54,9 @@ pubsub_up() {
   fi
   : >"$log"
   # setsid: the launcher script and its JVM share a process group that pubsub_down stops whole.
-  JAVA_TOOL_OPTIONS="${JAVA_TOOL_OPTIONS:-} -Xmx256m -XX:+UseSerialGC" \
+  # -Xmx1g: with 256 MB the emulator ran out of heap (OutOfMemoryError, then no answers) after a few full
+  # suites of messages that tests leave unacked in their subscriptions.
+  JAVA_TOOL_OPTIONS="${JAVA_TOOL_OPTIONS:-} -Xmx1g -XX:+UseSerialGC" \
     setsid "$emu" --host=127.0.0.1 --port="$port" --data-dir="$dir" >"$log" 2>&1 </dev/null &
   echo $! >"$pidf"
   wait_port pubsub "$port" 60 "$log" || { stop_pidfile pubsub "$pidf" >/dev/null; return 1; }
