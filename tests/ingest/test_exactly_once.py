@@ -232,9 +232,22 @@ def _no_unhandled_errors(log: str) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
+def _send_reliably(contract: Contract, partner: str, msgs: list, rate: float, chunk: int = 500) -> None:
+    """Publish in chunks; a chunk whose publish fails (a loaded emulator timing out) is sent again.
+    Sending an event twice is harmless: same event id, so one row and one count (the job dedups)."""
+    for i in range(0, len(msgs), chunk):
+        for attempt in range(5):
+            try:
+                send_payloads(contract, partner, msgs[i:i + chunk], rate=rate, key_attribute="user_key")
+                break
+            except Exception:  # noqa: BLE001 - retried; the last failure is raised
+                if attempt == 4:
+                    raise
+                time.sleep(1.0)
+
+
 def _publish_in_background(contract: Contract, batches: dict[str, list], rate: float) -> list[threading.Thread]:
-    threads = [threading.Thread(target=send_payloads, args=(contract, partner, msgs),
-                                kwargs={"rate": rate, "key_attribute": "user_key"}, daemon=True)
+    threads = [threading.Thread(target=_send_reliably, args=(contract, partner, msgs, rate), daemon=True)
                for partner, msgs in batches.items()]
     for t in threads:
         t.start()
