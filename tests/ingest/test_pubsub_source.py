@@ -159,3 +159,33 @@ def test_native_read_on_direct_runner(live_services, tmp_path):
     assert sorted(r["coords"] for r in got) == sorted(f"pubsub:{sub}#{i}" for i in ids)
     assert all(r["ts_us"] == attribute_timestamp_us(r["attributes"]["event_ts"]) for r in got)
     assert all(r["source_time_us"] > 0 for r in got)
+
+
+@pytest.mark.integration
+def test_a_vanished_subscription_is_said_plainly_once_then_recovers(live_services, caplog):
+    """Issue 14: an emulator restart forgets its subscriptions; the read must say so in plain words (once per
+    outage, not a stream of client errors), keep polling without a crash, and say when it works again."""
+    import logging
+
+    from google.cloud import pubsub_v1
+
+    from ingest.pubsub_source import _PullFn
+
+    topic = f"projects/test-project/topics/{unique_name('hw-t')}"
+    sub = f"projects/test-project/subscriptions/{unique_name('hw-s')}"
+    fn = _PullFn(PubSubSource(kind="pubsub", subscription=sub, topic=topic), "acme")
+    fn.setup()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ingest.pubsub_source"):
+            assert fn._pull(sub) == [] and fn._pull(sub) == [] and fn._pull(sub) == []
+            vanished = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+            assert len(vanished) == 1, caplog.text
+            assert sub in vanished[0] and "acme" in vanished[0] and "emulator restarted" in vanished[0]
+            pubsub_v1.PublisherClient().create_topic(request={"name": topic})
+            client = pubsub_v1.SubscriberClient()
+            client.create_subscription(request={"name": sub, "topic": topic})
+            client.close()
+            fn._pull(sub)
+            assert any("works again" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        fn.teardown()
