@@ -134,14 +134,10 @@ def update(args, beam_argv: list[str], out: TextIO) -> int:
     if args.save_job or args.dry_run:
         from apache_beam.options.pipeline_options import GoogleCloudOptions
 
-        if args.validate_only:
+        if args.validate_only:  # Beam's Environment copies dataflow_service_options into serviceOptions
             gco = dry.options.view_as(GoogleCloudOptions)
             gco.dataflow_service_options = [*(gco.dataflow_service_options or []), "graph_validate_only"]
         request = job_request(dry, update=True, replace_job_id=job_id, mapping=mapping)
-        if args.validate_only:
-            request["job"].setdefault("environment", {}).setdefault("serviceOptions", [])
-            if "graph_validate_only" not in request["job"]["environment"]["serviceOptions"]:
-                request["job"]["environment"]["serviceOptions"].append("graph_validate_only")
         if args.save_job:
             write_json(args.save_job, request)
         if args.dry_run:
