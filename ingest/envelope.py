@@ -18,19 +18,13 @@ from flatten import jsonio
 from flatten.mask import Masker
 from flatten.records import DeadLetter, Event, RawMessage, Reason
 
-__all__ = ["EnvelopeParser", "parse_event_time_us", "lookup_path", "payload_ref", "nesting_depth"]
+__all__ = ["EnvelopeParser", "parse_event_time_us", "lookup_path", "nesting_depth"]
 
 # Event times outside [1970, 2200) are treated as unparseable: they are almost
 # always unit mistakes (seconds read as microseconds) and would create absurd partitions.
 _MIN_US = 0
 _MAX_US = int(datetime(2200, 1, 1, tzinfo=timezone.utc).timestamp() * 1_000_000)
 _MISSING = object()
-
-
-def payload_ref(payload: bytes, masker: Masker) -> str:
-    """``hmac-sha256:<hex>``, keyed with the masking key (:meth:`flatten.mask.Masker.payload_ref`): never an
-    unkeyed digest, which a payload that is only an SSN or a card number would be brute-forced from."""
-    return masker.payload_ref(payload)
 
 
 def lookup_path(doc: Any, path: str) -> Any:
