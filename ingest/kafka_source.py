@@ -299,7 +299,9 @@ class _ReadPartitionFn(beam.DoFn):
         self._readers: dict[tuple[str, int], Any] = {}
         self._positions: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}
-        self._committer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
+        # finalize mode commits from the bundle finalizer; ledger mode from _LedgerCommitter's loop
+        self._committer = (_consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
+                           if self._mode != "ledger" else None)
         self._commit_lock = threading.Lock()
         self._busy: dict[tuple[str, int], threading.Lock] = {}
         self._closing = False
@@ -358,6 +360,8 @@ class _ReadPartitionFn(beam.DoFn):
 
         tp = TopicPartition(part.topic, part.partition)
         key = (part.topic, part.partition)
+        if self._loop is not None:  # the commit loop, replaced here if a step of it is stuck
+            self._loop = _LedgerCommitter.ensure(self._spec, self._partner)
         reader = self._reader(part)
         position = tracker.current_restriction().start
         if self._positions.get(key) != position:
@@ -389,8 +393,6 @@ class _ReadPartitionFn(beam.DoFn):
                 last = record.offset
                 count += 1
             self._positions[key] = last + 1 if last is not None else position
-        if self._loop is not None:
-            self._loop.watch(part.topic, part.partition)
         note_end_offset(reader, tp)
         if last is not None:
             self._records.inc(count)
@@ -410,19 +412,24 @@ class _ReadPartitionFn(beam.DoFn):
 class _LedgerCommitter:
     """The local commit loop of one partner's consumer group (one per process, shared by readers).
 
-    Every ``COMMIT_INTERVAL_S`` it commits, per watched partition, ``ledger.kafka_position``: the
-    lowest offset whose records the warehouse has not committed yet (or one past the last read).
-    A broker outage is retried with a bounded backoff and logged once (``BackgroundLoop``).
+    Every ``COMMIT_INTERVAL_S`` it commits, per partition the ledger knows for the group,
+    ``ledger.kafka_position``: the lowest offset whose records the warehouse has not committed yet
+    (or one past the last read). What to commit lives in the ledger, not here, so a replacement
+    committer (a stuck loop replaced, the final commit at stop: ``BackgroundLoop``) commits the
+    same. A broker outage is retried with a bounded backoff and logged once; after
+    ``FRESH_CLIENT_AFTER`` failed commits in a row the client is closed and a new one made (a client
+    that came through an outage in a bad state must not fail every later commit).
     """
+
+    FRESH_CLIENT_AFTER = 3
 
     def __init__(self, spec: KafkaSource, partner: str):
         self._spec = spec
         self._partner = partner
         self.group = spec.group_id or f"headwater-{partner}"
-        self._lock = threading.Lock()
-        self._watched: set[tuple[str, int]] = set()
         self._committed: dict[tuple[str, int], int] = {}
         self._consumer = None
+        self._failed = 0
 
     @classmethod
     def ensure(cls, spec: KafkaSource, partner: str) -> "_LedgerCommitter":
@@ -430,17 +437,25 @@ class _LedgerCommitter:
         return BackgroundLoop.ensure(name, lambda: cls(spec, partner), COMMIT_INTERVAL_S)
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close(autocommit=False)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.close(autocommit=False)
 
-    def watch(self, topic: str, partition: int) -> None:
-        if (topic, partition) not in self._watched:
-            with self._lock:
-                self._watched.add((topic, partition))
+    def _todo(self) -> dict[tuple[str, int], int]:
+        todo = {}
+        for topic, p in ledger.kafka_partitions(self.group):
+            pos = ledger.kafka_position(self.group, topic, p)
+            if pos is not None and pos > self._committed.get((topic, p), -1):
+                todo[(topic, p)] = pos
+        return todo
+
+    def uncommitted(self) -> bool:
+        """Some partition has durable records beyond what this committer committed."""
+        return bool(self._spec.group_id) and bool(self._todo())
 
     def pending(self) -> str:
         parts = []
-        for topic, p in sorted(self._watched):
+        for topic, p in ledger.kafka_partitions(self.group):
             parts.append(f"{topic}/{p}: committed {self._committed.get((topic, p), '-')}, to commit "
                          f"{ledger.kafka_position(self.group, topic, p)}, "
                          f"{ledger.kafka_pending(self.group, topic, p)} records not yet in the warehouse")
@@ -452,19 +467,24 @@ class _LedgerCommitter:
 
         if not self._spec.group_id:
             return  # no consumer group: nothing to commit to
-        with self._lock:
-            watched = sorted(self._watched)
-        todo = {}
-        for topic, p in watched:
-            pos = ledger.kafka_position(self.group, topic, p)
-            if pos is not None and pos > self._committed.get((topic, p), -1):
-                todo[(topic, p)] = pos
+        todo = self._todo()
         if not todo:
             return
-        if self._consumer is None:
-            self._consumer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
-        self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(pos, "", -1) for (t, p), pos in todo.items()},
-                              timeout_ms=5000)
+        try:
+            if self._consumer is None:
+                self._consumer = _consumer(self._spec, self._spec.group_id, f"headwater-{self._partner}-commit")
+            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(pos, "", -1)
+                                   for (t, p), pos in todo.items()}, timeout_ms=5000)
+        except Exception:
+            self._failed += 1
+            if self._failed >= self.FRESH_CLIENT_AFTER:
+                self._failed = 0
+                try:
+                    self.close()
+                except Exception:  # noqa: BLE001 - closing a client of a broker that is gone
+                    self._consumer = None
+            raise
+        self._failed = 0
         _kafka_reachable()
         self._committed.update(todo)
         _COMMITS.inc(len(todo))

@@ -271,6 +271,8 @@ class _PullFn(beam.DoFn):
                 watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarks())):
         # ``fin`` precedes the restriction params: Beam 2.77 binds it positionally otherwise.
         spec = self._spec
+        if self._acker is not None:  # the ack loop, replaced here if a step of it is stuck
+            self._acker = _LedgerAcker.ensure(self._spec.subscription, self._partner)
         position = tracker.current_restriction().start
         deadline = time.monotonic() + MAX_READ_SECONDS
         ack_ids: list[str] = []

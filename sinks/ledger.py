@@ -28,7 +28,7 @@ import threading
 from typing import Iterable, Optional
 
 __all__ = ["register_kafka", "register_pubsub", "expect_rows", "resolve", "rows_durable", "dead_letters_durable",
-           "kafka_position", "kafka_pending", "pubsub_take_done", "pubsub_give_back", "pubsub_pending", "pending_count", "reset",
+           "kafka_position", "kafka_pending", "kafka_partitions", "pubsub_take_done", "pubsub_give_back", "pubsub_pending", "pending_count", "reset",
            "active"]
 
 _lock = threading.Lock()
@@ -48,18 +48,31 @@ class _Entry:
 
 
 class _KafkaChannel:
-    """One partition: a min-heap of registered offsets; those done are removed lazily."""
+    """One partition: a min-heap of registered offsets; those done are removed lazily.
 
-    __slots__ = ("heap", "done", "last")
+    ``queued`` mirrors the heap's contents: an offset delivered again after it was done but before
+    the heap dropped it (a lower offset still pending) must not be pushed twice, or the second copy
+    would outlive its ``done`` mark and hold the commit position there for good."""
+
+    __slots__ = ("heap", "queued", "done", "last")
 
     def __init__(self):
         self.heap: list[int] = []
+        self.queued: set[int] = set()
         self.done: set[int] = set()
         self.last: Optional[int] = None
 
+    def add(self, offset: int) -> None:
+        if offset not in self.queued:
+            self.queued.add(offset)
+            heapq.heappush(self.heap, offset)
+        self.done.discard(offset)
+
     def position(self) -> Optional[int]:
         while self.heap and self.heap[0] in self.done:
-            self.done.discard(heapq.heappop(self.heap))
+            off = heapq.heappop(self.heap)
+            self.done.discard(off)
+            self.queued.discard(off)
         if self.heap:
             return self.heap[0]
         return None if self.last is None else self.last + 1
@@ -85,8 +98,7 @@ def register_kafka(coords: str, group: str, topic: str, partition: int, offset: 
         e = _entries.get(coords)
         if e is None:
             e = _entries[coords] = _Entry("kafka", channel, offset)
-            heapq.heappush(ch.heap, offset)
-            ch.done.discard(offset)
+            ch.add(offset)
         e.deliveries += 1
         if ch.last is None or offset > ch.last:
             ch.last = offset
@@ -181,6 +193,12 @@ def kafka_position(group: str, topic: str, partition: int) -> Optional[int]:
     with _lock:
         ch = _kafka.get((group, topic, partition))
         return None if ch is None else ch.position()
+
+
+def kafka_partitions(group: str) -> list[tuple[str, int]]:
+    """Every (topic, partition) of ``group`` a source registered records of (what its committer commits)."""
+    with _lock:
+        return sorted((t, p) for g, t, p in _kafka if g == group)
 
 
 def kafka_pending(group: str, topic: str, partition: int) -> int:

@@ -213,10 +213,11 @@ def _pubsub_backlog(contract: Contract) -> int:
         client.close()
 
 
-def _committed_everything(contract: Contract) -> None:
+def _committed_everything(contract: Contract, job: "Job") -> None:
     """After the rows landed the job commits every offset and acks every message (ledger, not a timer)."""
-    assert wait_for(lambda: _kafka_lag(contract) == 0, timeout=60), f"kafka lag {_kafka_lag(contract)}"
-    assert _pubsub_backlog(contract) == 0
+    assert wait_for(lambda: _kafka_lag(contract) == 0, timeout=60), \
+        f"kafka lag {_kafka_lag(contract)}\nlog tail:\n{job.text()[-6000:]}"
+    assert _pubsub_backlog(contract) == 0, job.text()[-6000:]
 
 
 def _verify_exit_code(path: Path) -> tuple[int, str]:
@@ -274,7 +275,7 @@ def test_full_speed_rows_and_aggregates_exact_for_every_user(live_services, tmp_
         settled = wait_for(lambda: _settled(contract, total, expected), timeout=600, interval=2)
         elapsed = time.monotonic() - started
         if settled:
-            _committed_everything(contract)
+            _committed_everything(contract, job)
     finally:
         rc = job.stop()
     assert settled, _report(contract, total, expected, job)
@@ -320,7 +321,7 @@ def test_three_sigkills_at_random_moments_lose_and_double_count_nothing(live_ser
             t.join()
         settled = wait_for(lambda: _settled(contract, total, expected), timeout=600, interval=2)
         if settled:
-            _committed_everything(contract)
+            _committed_everything(contract, job)
     finally:
         rc = job.stop()
     assert settled, f"HEADWATER_E2E_SEED={seed}, kills at rows {kills}; " + _report(contract, total, expected, job)
@@ -421,7 +422,7 @@ def test_broker_down_and_emulator_restarted_mid_stream_recover_and_lose_nothing(
     assert log.count("the broker is unreachable") >= 1 and "reachable again" in log, log[-4000:]
     assert sum(1 for line in log.splitlines() if "ECONNREFUSED" in line) <= 3, log[-4000:]
     if settled:
-        _committed_everything(contract)
+        _committed_everything(contract, job)
     print("\noutage log lines:\n" + "\n".join(line[:300] for line in log.splitlines() if "headwater" in line))
 
 

@@ -75,3 +75,29 @@ def test_an_event_with_no_rows_is_done_at_once():
     _kafka([5])
     ledger.expect_rows("kafka:t/0@5", [])
     assert ledger.kafka_position("g", "t", 0) == 6
+
+
+def test_an_offset_delivered_again_after_it_was_done_does_not_hold_the_position():
+    """Offset 11 is done while 10 is pending (so 11 is still in the heap), then delivered again (a
+    re-read) and done again. A second heap copy of 11 would outlive its done mark and hold the
+    commit position at 11 for good; the partition must commit past it."""
+    _kafka([10, 11, 12])
+    ledger.resolve("kafka:t/0@11")
+    _kafka([11])  # delivered again after it was done
+    assert ledger.kafka_position("g", "t", 0) == 10
+    ledger.resolve("kafka:t/0@11")
+    ledger.resolve("kafka:t/0@10")
+    ledger.resolve("kafka:t/0@12")
+    assert ledger.kafka_position("g", "t", 0) == 13
+    assert ledger.kafka_pending("g", "t", 0) == 0 and not ledger.active()
+    assert ledger.kafka_partitions("g") == [("t", 0)]
+
+
+def test_an_offset_delivered_again_while_done_but_queued_is_pending_again():
+    _kafka([10, 11])
+    ledger.resolve("kafka:t/0@11")
+    _kafka([11])  # the new delivery is in flight: the position may not pass 11 once 10 is done
+    ledger.resolve("kafka:t/0@10")
+    assert ledger.kafka_position("g", "t", 0) == 11
+    ledger.resolve("kafka:t/0@11")
+    assert ledger.kafka_position("g", "t", 0) == 12
