@@ -73,6 +73,9 @@ END_OF_TIME_OFFSET = 2**63 - 1
 IDLE_WATERMARK_LAG = Duration.of(5)
 #: How long one ReadPartitions call reads before checkpointing (bounds bundle latency).
 MAX_READ_SECONDS = 1.0
+#: How long a reader's first connection may wait for the broker inside a bundle (kafka-python's
+#: default is 30 s); a broker down then is an outage: the restriction is retried later.
+READER_BOOTSTRAP_MS = 5_000
 MAX_RECORDS_PER_CALL = 5000
 #: Pause before polling an idle partition again.
 IDLE_RESUME_DELAY = Duration.of(0.5)
@@ -127,10 +130,11 @@ def to_raw_message(partner: str, record: Any) -> RawMessage:
     )
 
 
-def _consumer(spec: KafkaSource, group: Optional[str], client_id: str):
+def _consumer(spec: KafkaSource, group: Optional[str], client_id: str, **extra):
     from kafka import KafkaConsumer
 
     return KafkaConsumer(
+        **extra,
         bootstrap_servers=spec.bootstrap_servers.split(","),
         group_id=group,
         client_id=client_id,
@@ -334,7 +338,8 @@ class _ReadPartitionFn(beam.DoFn):
         with self._lock:
             reader = self._readers.get(key)
             if reader is None:
-                reader = _consumer(self._spec, None, f"headwater-{self._partner}-{part.topic}-{part.partition}")
+                reader = _consumer(self._spec, None, f"headwater-{self._partner}-{part.topic}-{part.partition}",
+                           bootstrap_timeout_ms=READER_BOOTSTRAP_MS)
                 reader.assign([TopicPartition(part.topic, part.partition)])
                 self._readers[key] = reader
                 self._busy[key] = threading.Lock()
@@ -362,7 +367,15 @@ class _ReadPartitionFn(beam.DoFn):
         key = (part.topic, part.partition)
         if self._loop is not None:  # the commit loop, replaced here if a step of it is stuck
             self._loop = _LedgerCommitter.ensure(self._spec, self._partner)
-        reader = self._reader(part)
+        try:
+            reader = self._reader(part)
+        except Exception as exc:  # noqa: BLE001 - no broker to bootstrap from: an outage, not a failed bundle
+            # A new instance of this DoFn (the SDK makes one per concurrent bundle) needs a client for
+            # the partition while the broker is down: retry the restriction later, as if idle.
+            _kafka_unreachable(exc)
+            fin.register(nothing)
+            tracker.defer_remainder(IDLE_RESUME_DELAY)
+            return
         position = tracker.current_restriction().start
         if self._positions.get(key) != position:
             reader.seek(tp, position)
@@ -538,6 +551,13 @@ def _quiet_kafka_client() -> None:
 def _kafka_reachable() -> None:
     if _NOISE.since is not None:
         _NOISE.reachable()
+
+
+def _kafka_unreachable(exc: BaseException) -> None:
+    """A headwater client call failed for want of a broker: the outage's one log line (shared with
+    kafka-python's own errors, ``_NOISE``), then counted until the broker is back."""
+    _NOISE.emit(logging.LogRecord("kafka.headwater", logging.ERROR, __file__, 0, "%s: %s",
+                                  (type(exc).__name__, str(exc)[:200]), None))
 
 
 _COMMITS = Metrics.counter("headwater", "kafka_offset_commits")

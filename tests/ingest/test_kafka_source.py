@@ -153,3 +153,44 @@ def test_start_latest_skips_the_backlog(live_services, tmp_path):
     assert reached
     seen = [orjson.loads(r["payload"])["i"] for r in read_jsonl(out)]
     assert min(seen) >= 100  # the 10 records of the backlog were never read
+
+
+def test_a_reader_that_cannot_reach_the_broker_defers_instead_of_failing_the_bundle(caplog):
+    """The SDK makes a new instance of the read DoFn per concurrent bundle; one made while the broker is
+    down must retry its partition later (as if idle), not fail the bundle (Prism fails the job then).
+    The broker here is a port nothing listens on: a real refused connection."""
+    import logging
+    import socket
+
+    from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+    from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+
+    from ingest import kafka_source
+    from ingest.kafka_source import KafkaPartition, _ReadPartitionFn
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    spec = KafkaSource(kind="kafka", bootstrap_servers=f"127.0.0.1:{port}", topics=["t"], group_id="g")
+    fn = _ReadPartitionFn(spec, "p", mode="ledger")
+    fn.setup()
+    registered = []
+    fin = SimpleNamespace(register=registered.append)
+    tracker = ThreadsafeRestrictionTracker(_NoDynamicSplitTracker(OffsetRange(7, 2**63 - 1)))
+    view = RestrictionTrackerView(tracker)
+    try:
+        with caplog.at_level(logging.WARNING):
+            out = list(fn.process(KafkaPartition("t", 0, 7), fin=fin, tracker=view,
+                                  watermark=ManualWatermarkEstimator(None)))
+    finally:
+        fn.teardown()
+        kafka_source._NOISE.reachable()
+    assert out == []
+    assert len(registered) == 1
+    deferred = tracker.deferred_status()
+    assert deferred is not None, "the restriction must be deferred (retried later)"
+    residual, delay = deferred
+    assert residual.start == 7, "nothing claimed: the residual starts where it did"
+    assert delay.micros > 0
+    assert "the broker is unreachable" in caplog.text
