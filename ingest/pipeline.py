@@ -273,10 +273,12 @@ def _end_local_job(stop_runner: bool = True) -> None:
     from ingest.runner import stop_local_runners
     from ingest.unbounded import stop_loops
     from sinks import ledger
+    from sinks.duckdb_store import release_held
 
     try:
         stop_loops(final=True)
     finally:
+        release_held()  # the sink's held write connection: checkpointed, the file free for other processes
         ledger.reset()
         if stop_runner:
             stop_local_runners()
