@@ -194,6 +194,18 @@ def _configure_local_state_cache(argv: Sequence[str]) -> None:
     worker_handlers.STATE_CACHE_SIZE_MB = mb
 
 
+def _tune_local_worker(options: PipelineOptions) -> None:
+    """A streaming job on Prism with LOOPBACK workers runs its SDK workers in this process: tune it
+    (``ingest.runner.tune_local_streaming_worker``). Other runners and environments: nothing."""
+    from apache_beam.options.pipeline_options import DebugOptions, PortableOptions
+
+    from ingest.runner import _runner_name, tune_local_streaming_worker
+
+    if _runner_name(options) in ("PrismRunner", "prism") and \
+            options.view_as(PortableOptions).environment_type == "LOOPBACK":
+        tune_local_streaming_worker(options.view_as(DebugOptions).experiments or [])
+
+
 def _recovery_for(contract: Contract, options: PipelineOptions):
     """A local streaming job resumes from the warehouse (``ingest.recovery``); elsewhere None
     (Dataflow keeps its state across updates and drains; batch jobs start from nothing)."""
@@ -215,6 +227,8 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     _configure_local_state_cache(beam_argv)
     configure_gcs_emulator()  # only when STORAGE_EMULATOR_HOST is set: local gs:// without a credential hunt
     options = pipeline_options(contract, beam_argv)
+    if contract.streaming:
+        _tune_local_worker(options)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
     result = p.run()
