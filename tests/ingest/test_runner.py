@@ -6,6 +6,7 @@ import sys
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_fn_api_pb2
+from apache_beam.runners.worker import bundle_processor as bp
 from apache_beam.runners.worker import sdk_worker
 
 from ingest import runner
@@ -15,6 +16,7 @@ from ingest import runner
 def untuned(monkeypatch):
     """Whatever a test tunes is undone afterwards (the tuning is process-wide)."""
     monkeypatch.setattr(sdk_worker.SdkWorker, "process_bundle_progress", sdk_worker.SdkWorker.process_bundle_progress)
+    monkeypatch.setattr(bp.FnApiUserStateContext, "commit", bp.FnApiUserStateContext.commit)
     monkeypatch.setattr(runner, "_tuned", False)
     monkeypatch.delenv("HEADWATER_LOCAL_TUNING", raising=False)
     interval = sys.getswitchinterval()
@@ -81,3 +83,52 @@ def test_pipeline_tunes_only_prism_loopback(untuned, monkeypatch):
     _tune_local_worker(PipelineOptions(["--runner=PrismRunner", "--environment_type=DOCKER", "--streaming"]))
     _tune_local_worker(PipelineOptions(["--runner=DataflowRunner", "--streaming"]))
     assert seen == [["prism_disable_sdf_split"]]
+
+
+class _Handler:
+    """Records the state requests of a commit and when their replies were awaited."""
+
+    def __init__(self):
+        self.log = []
+
+    def _future(self, what):
+        log = self.log
+
+        class F:
+            def get(self):
+                log.append(("wait", what))
+
+        return F()
+
+    def clear(self, key):
+        self.log.append(("clear", key))
+        return self._future(("clear", key))
+
+    def extend(self, key, coder, elements):
+        self.log.append(("extend", key, list(elements)))
+        return self._future(("extend", key))
+
+
+def test_state_commits_are_sent_together_then_awaited(untuned):
+    """Beam commits cell after cell, waiting for each reply; tuned, every cell's requests go out first
+    (in the same per-cell order: clear, then the new value), then the replies are awaited."""
+    from apache_beam.coders import BytesCoder
+
+    runner.tune_local_streaming_worker([])
+    h = _Handler()
+    ctx = bp.FnApiUserStateContext.__new__(bp.FnApiUserStateContext)
+    cells = {}
+    for k in ("a", "b", "c"):
+        bag = bp.SynchronousBagRuntimeState(h, k, BytesCoder())
+        cell = bp.ReadModifyWriteRuntimeState(bag)
+        cell.write(k.encode())
+        cells[k] = cell
+    untouched = bp.SynchronousBagRuntimeState(h, "d", BytesCoder())  # read only: nothing to send
+    ctx._all_states = {**cells, "d": untouched}
+    ctx.commit()
+    sent = [e for e in h.log if e[0] != "wait"]
+    assert sent == [("clear", "a"), ("extend", "a", [b"a"]), ("clear", "b"), ("extend", "b", [b"b"]),
+                    ("clear", "c"), ("extend", "c", [b"c"])]
+    first_wait = next(i for i, e in enumerate(h.log) if e[0] == "wait")
+    assert first_wait == len(sent), h.log  # nothing awaited before every request was sent
+    assert [e[1] for e in h.log[first_wait:]] == [("extend", "a"), ("extend", "b"), ("extend", "c")]
