@@ -105,24 +105,24 @@ class ValueMirror:
 
 
 MISSING = _MISSING
-_registry: dict[tuple[str, str], object] = {}
+_registry: dict[tuple[str, str, str], object] = {}
 _registry_lock = threading.Lock()
 
 
 def sketch_for(job: str, step: str) -> KeySketch:
     """The job's KeySketch for ``step`` (one per process, shared by the DoFn's instances)."""
     with _registry_lock:
-        s = _registry.get((job, step))
+        s = _registry.get((job, step, "sketch"))
         if s is None:
-            s = _registry[(job, step)] = KeySketch()
+            s = _registry[(job, step, "sketch")] = KeySketch()
         return s  # type: ignore[return-value]
 
 
 def mirror_for(job: str, step: str) -> ValueMirror:
     with _registry_lock:
-        m = _registry.get((job, step))
+        m = _registry.get((job, step, "values"))
         if m is None:
-            m = _registry[(job, step)] = ValueMirror()
+            m = _registry[(job, step, "values")] = ValueMirror()
         return m  # type: ignore[return-value]
 
 

@@ -31,7 +31,7 @@ from flatten.records import AggregateInput, AggregateRow, DeadLetter, Reason
 from state import aggregate as A
 from state import combine as C
 from state.bounded import FinalAggregates
-from state.mirror import MISSING, mirror_for
+from state.mirror import MISSING, mirror_for, sketch_for
 from state.spec import AggregateSpec
 
 __all__ = ["ComputeAggregates", "AggregateOutputs", "MANIFEST"]
@@ -115,6 +115,7 @@ class _AggregateCore(beam.DoFn):
         if self._seed is not None:
             self._seed.load()
         self._mirror = mirror_for(self._local_state, self._step) if self._local_state else None
+        self._written = sketch_for(self._local_state, self._step) if self._local_state else None  # keys ever written
         self._plans = {k: A.plan_for(s) for k, s in self._specs.items()}
         self._late = Metrics.counter("headwater.state", "dead_letter_late")
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
@@ -168,7 +169,8 @@ class _AggregateCore(beam.DoFn):
         else:
             raw = mirror.get(key, MISSING)
             if raw is MISSING:
-                raw = cell.read() or None
+                # a key this job never wrote has no state (a new user): no read
+                raw = (cell.read() or None) if self._written.may_contain("\x1f".join(key)) else None
                 mirror.put(key, raw)
         return A.AggState.from_bytes(raw) if raw else None
 
@@ -182,6 +184,8 @@ class _AggregateCore(beam.DoFn):
         mirror = getattr(self, "_mirror", None)
         if mirror is not None:
             mirror.put(key, raw)
+            if raw is not None:
+                self._written.add("\x1f".join(key))
 
     def _decode(self, inp: AggregateInput) -> "tuple[Optional[A.Plan], Optional[dict], Optional[TaggedOutput]]":
         """(plan, values, None) for a usable input, else (None, None, dead letter)."""

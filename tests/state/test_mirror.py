@@ -82,3 +82,11 @@ def test_registry_is_per_job_and_step_and_forgotten_at_job_end():
     assert mirror.sketch_for("job1", "DropDuplicateEvents") is not a
     assert mirror.mirror_for("job1", "ComputeAggregates/AggregatePerKey").get("k") is MISSING
     mirror.forget()
+
+
+def test_a_step_has_both_a_sketch_and_a_value_mirror():
+    """The aggregate step keeps both (keys ever written, and the cells' bytes) under one step name."""
+    s = mirror.sketch_for("job3", "ComputeAggregates/AggregatePerKey")
+    v = mirror.mirror_for("job3", "ComputeAggregates/AggregatePerKey")
+    assert isinstance(s, KeySketch) and isinstance(v, ValueMirror)
+    mirror.forget("job3")
