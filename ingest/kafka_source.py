@@ -73,7 +73,7 @@ END_OF_TIME_OFFSET = 2**63 - 1
 #: A partition with nothing to read lets its watermark follow wall-clock time minus this.
 IDLE_WATERMARK_LAG = Duration.of(5)
 #: How long one ReadPartitions call reads before checkpointing (bounds bundle latency).
-MAX_READ_SECONDS = 1.0
+MAX_READ_SECONDS = 0.25
 MAX_RECORDS_PER_CALL = 5000
 #: Pause before polling an idle partition again.
 IDLE_RESUME_DELAY = Duration.of(0.5)

@@ -55,7 +55,7 @@ _LOCKS_GUARD = threading.Lock()
 #: Held write connections (module docstring): closed after this long without a write ...
 HOLD_IDLE_S = 0.5
 #: ... or this long after they were opened, even while writes keep coming (readers' worst wait) ...
-HOLD_MAX_S = 2.0
+HOLD_MAX_S = 1.0
 #: ... and after a release for age, the next connect waits this long: open_readonly retries every 0.1 s.
 READER_GAP_S = 0.15
 _BQ_TO_DUCK = {
