@@ -65,9 +65,12 @@ def run_job(contract_path: str) -> int:
     from ingest import pipeline
     from ingest.contract import load_contract
 
+    from flatten import live
+
     state = pipeline.run_until_stopped(load_contract(contract_path), [],
                                        on_running=lambda: print("job: RUNNING", flush=True))
     print(f"job: final state {state}", flush=True)
+    print("job: counters " + json.dumps(live.snapshot()), flush=True)
     exit_after_streaming(0 if state in ("CANCELLED", "DONE") else 1)
     return 0
 
@@ -124,10 +127,22 @@ def publish(contract, partner: str, ids: list[str], rate: float, rng: random.Ran
     send_payloads(contract, partner, events(), rate=rate, key_attribute="user_key")
 
 
-def stop_leftover_prism(work: Path) -> int:
-    """Stop Prism processes this bench's job started (their working directory is the bench's): the job's
-    process exits without waiting for its runner subprocess (``deploy.cli.exit_after_streaming``)."""
-    stopped = 0
+def process_cpu_s(pids: list[int]) -> float:
+    """user + system CPU seconds of these processes (all their threads) so far, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def prism_pids(work: Path) -> list[int]:
+    """Prism processes started by this bench's job (their working directory is the bench's)."""
+    out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -138,9 +153,17 @@ def stop_leftover_prism(work: Path) -> int:
         except OSError:
             continue
         if cmd.endswith(b"prism"):
-            os.kill(int(proc.name), signal.SIGTERM)
-            stopped += 1
-    return stopped
+            out.append(int(proc.name))
+    return out
+
+
+def stop_leftover_prism(work: Path) -> int:
+    """Stop Prism processes this bench's job started (their working directory is the bench's): the job's
+    process exits without waiting for its runner subprocess (``deploy.cli.exit_after_streaming``)."""
+    pids = prism_pids(work)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    return len(pids)
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -160,8 +183,10 @@ def wait_rows(poller: Poller, ids: list[str], timeout: float) -> bool:
     return False
 
 
-def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, seed: int, timeout: float) -> dict:
+def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, seed: int, timeout: float,
+          cpu=lambda: (0.0, 0.0)) -> dict:
     ids = {p: [f"{name}-{p}-{seed}-{i:07d}" for i in range(n_per_source)] for p in ("acme_ps", "acme_kf")}
+    cpu0 = cpu()
     t0 = time.time()
     threads = [threading.Thread(target=publish, args=(contract, p, ids[p], rate / 2 if rate else 0.0,
                                                         random.Random(seed + k)))
@@ -173,16 +198,22 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
     t_sent = time.time()
     every = ids["acme_ps"] + ids["acme_kf"]
     complete = wait_rows(poller, every, timeout)
+    cpu1 = cpu()
     seen = [e for e in every if e in poller.arrived]
     t_last = max((poller.arrived[e] for e in seen), default=time.time())
     lat = [poller.arrived[e] - poller.sent[e] for e in seen]
     res = {"phase": name, "events": len(every), "rows_seen": len(seen), "complete": complete,
            "publish_s": t_sent - t0, "publish_rate": len(every) / max(t_sent - t0, 1e-9),
            "rows_rate": len(seen) / max(t_last - t0, 1e-9),
-           "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "max_s": max(lat, default=float("nan"))}
+           "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "max_s": max(lat, default=float("nan")),
+           # CPU from the first send until every row was seen (or the timeout), per million events
+           "job_cpu_s_per_m": (cpu1[0] - cpu0[0]) / len(every) * 1e6,
+           "prism_cpu_s_per_m": (cpu1[1] - cpu0[1]) / len(every) * 1e6}
     print(f"  {name:<8} {res['events']:>7,} events  published at {res['publish_rate']:>7,.0f}/s  rows at "
           f"{res['rows_rate']:>7,.0f}/s  latency p50 {res['p50_s']:6.2f}s p99 {res['p99_s']:6.2f}s "
-          f"max {res['max_s']:6.2f}s  {'complete' if complete else f'INCOMPLETE ({len(seen):,} seen)'}", flush=True)
+          f"max {res['max_s']:6.2f}s  {'complete' if complete else f'INCOMPLETE ({len(seen):,} seen)'}; "
+          f"CPU-s per M events: job {res['job_cpu_s_per_m']:,.0f}, Prism {res['prism_cpu_s_per_m']:,.0f}",
+          flush=True)
     return res
 
 
@@ -228,14 +259,19 @@ def main() -> int:
             print(f"job did not start: {line!r}; see {work / 'job.log'}")
             return 2
         poller.start()
+        prism = prism_pids(work)
+
+        def cpu() -> "tuple[float, float]":
+            return process_cpu_s([job.pid]), process_cpu_s(prism)
+
         t0 = time.monotonic()
-        warm = phase("warmup", contract, poller, 50, 100.0, 1, args.timeout)
+        warm = phase("warmup", contract, poller, 50, 100.0, 1, args.timeout, cpu)
         print(f"  (first rows after {time.monotonic() - t0:.1f}s)", flush=True)
         if not warm["complete"]:
             return 1
         results.append(phase("steady", contract, poller, int(args.rate * args.seconds / 2), args.rate, 2,
-                             args.timeout))
-        results.append(phase("backlog", contract, poller, args.backlog, 0.0, 3, args.timeout))
+                             args.timeout, cpu))
+        results.append(phase("backlog", contract, poller, args.backlog, 0.0, 3, args.timeout, cpu))
     finally:
         poller.stop.set()
         job.send_signal(signal.SIGTERM)
@@ -245,13 +281,22 @@ def main() -> int:
             job.kill()
             job.wait()
         stop_leftover_prism(work)
+    counters = {}
+    for line in job.stdout.read().splitlines():
+        if line.startswith("job: counters "):
+            counters = json.loads(line[len("job: counters "):])
+    for kind in ("rows", "aggregates", "dead_letters"):
+        writes = counters.get(f"{kind}_writes", 0)
+        if writes:
+            print(f"  warehouse writes, {kind}: {writes:,}, {counters.get(f'{kind}_written', 0) / writes:,.1f} per write")
     backlog = results[-1] if results else {}
     steady = results[0] if results else {}
     print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s; steady {args.rate:,.0f}/s: "
           f"p50 {steady.get('p50_s', float('nan')):.2f}s p99 {steady.get('p99_s', float('nan')):.2f}s "
           f"(poll period {POLL_S}s; reader lock misses {poller.errors})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "rate": args.rate}, indent=2))
+        Path(args.json).write_text(json.dumps({"results": results, "rate": args.rate, "counters": counters,
+                                               "load_average": os.getloadavg()}, indent=2))
     return 0 if all(r["complete"] for r in results) else 1
 
 

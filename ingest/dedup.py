@@ -15,6 +15,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from flatten.records import Event
 from ingest import progress
 from sinks import ledger
+from state.mirror import sketch_for
 
 __all__ = ["DropDuplicateEvents", "arrival_expiry"]
 
@@ -51,23 +52,31 @@ class _DedupFn(beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, window_s: float, seed=None, clock: Callable[[], float] = time.time):
+    def __init__(self, window_s: float, seed=None, clock: Callable[[], float] = time.time,
+                 local_state: Optional[str] = None):
         self._window_s = window_s
         self._seed = seed
         self._clock = clock
         self._dups = Metrics.counter("headwater", "duplicate_events")
+        # A job token when the runner's state lives in this process (Prism, LOOPBACK): ids this process
+        # never flagged skip the state read (state.mirror.KeySketch). None: every id is read.
+        self._local_state = local_state
 
     def setup(self):
         if self._seed is not None:
             self._seed.load()
+        self._sketch = sketch_for(self._local_state, "DropDuplicateEvents") if self._local_state else None
 
     def process(self, kv, ts=beam.DoFn.TimestampParam, seen=beam.DoFn.StateParam(SEEN),
                 expiry=beam.DoFn.TimerParam(EXPIRY)):
         key, event = kv
-        if seen.read():
+        sketch = self._sketch
+        if (sketch is None or sketch.may_contain(key)) and seen.read():
             self._drop(event)
             return
         seen.write(True)
+        if sketch is not None:
+            sketch.add(key)
         expiry.set(arrival_expiry(ts, self._clock(), self._window_s))
         if self._seed is not None and self._seed.take(key):
             self._drop(event)
@@ -107,16 +116,18 @@ class DropDuplicateEvents(beam.PTransform):
     """
 
     def __init__(self, window_s: float = 86_400.0, label: str = "DropDuplicateEvents", seed=None,
-                 clock: Optional[Callable[[], float]] = None):
+                 clock: Optional[Callable[[], float]] = None, local_state: Optional[str] = None):
         super().__init__(label)
         self._window_s = window_s
         self._seed = seed
         self._clock = clock or time.time
+        self._local_state = local_state  # see _DedupFn: a job token, only when the runner's state is in-process
 
     def expand(self, events):
         return (
             events
             | "KeyByEventId" >> beam.Map(_key).with_output_types(tuple[str, Event])
-            | "Dedup" >> beam.ParDo(_DedupFn(self._window_s, self._seed, self._clock)).with_output_types(Event)
+            | "Dedup" >> beam.ParDo(_DedupFn(self._window_s, self._seed, self._clock,
+                                             self._local_state)).with_output_types(Event)
             | "StampEventTime" >> beam.Map(_stamp_event_time).with_output_types(Event)
         )

@@ -89,14 +89,15 @@ class HeadwaterPipeline(beam.PTransform):
         raw = messages | "AllMessages" >> beam.Flatten()
         parsed = raw | "ParseEnvelope" >> ParseEnvelope(contract)
         rec = self._recovery
+        local = _state_in_this_process(pbegin.pipeline.options)
         events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
-            window_s=contract.dedup.window_s(), seed=rec.seen if rec else None)
+            window_s=contract.dedup.window_s(), seed=rec.seen if rec else None, local_state=local)
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         dead += [parsed.dead_letter, flat.dead_letter]
         if specs:
             aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(
-                specs, seed=rec.states if rec else None)
+                specs, seed=rec.states if rec else None, local_state=local)
             aggregates = aggs.aggregates
             dead.append(aggs.dead_letter)
         else:  # no partner declares aggregates: no stateful step at all
@@ -119,6 +120,24 @@ class HeadwaterPipeline(beam.PTransform):
         if not duck:
             rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)
         return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
+
+
+def _state_in_this_process(options: Optional[PipelineOptions]) -> Optional[str]:
+    """A job token when the job's per-key state lives in this process and only this process writes it:
+    Prism with LOOPBACK workers (the local streaming runner; Prism keeps state in memory, dies with the job
+    and fails the job on a failed bundle). The stateful steps then mirror their state in-process
+    (``state.mirror``) instead of a gRPC round trip per event. None elsewhere (Dataflow, other runners)."""
+    import uuid
+
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    from ingest.runner import _runner_name
+
+    if options is None or _runner_name(options) not in ("PrismRunner", "prism"):
+        return None
+    if options.view_as(PortableOptions).environment_type != "LOOPBACK":
+        return None
+    return uuid.uuid4().hex
 
 
 class WriteWarehouse(beam.PTransform):
@@ -194,6 +213,18 @@ def _configure_local_state_cache(argv: Sequence[str]) -> None:
     worker_handlers.STATE_CACHE_SIZE_MB = mb
 
 
+def _tune_local_worker(options: PipelineOptions) -> None:
+    """A streaming job on Prism with LOOPBACK workers runs its SDK workers in this process: tune it
+    (``ingest.runner.tune_local_streaming_worker``). Other runners and environments: nothing."""
+    from apache_beam.options.pipeline_options import DebugOptions, PortableOptions
+
+    from ingest.runner import _runner_name, tune_local_streaming_worker
+
+    if _runner_name(options) in ("PrismRunner", "prism") and \
+            options.view_as(PortableOptions).environment_type == "LOOPBACK":
+        tune_local_streaming_worker(options.view_as(DebugOptions).experiments or [])
+
+
 def _recovery_for(contract: Contract, options: PipelineOptions):
     """A local streaming job resumes from the warehouse (``ingest.recovery``); elsewhere None
     (Dataflow keeps its state across updates and drains; batch jobs start from nothing)."""
@@ -215,6 +246,8 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     _configure_local_state_cache(beam_argv)
     configure_gcs_emulator()  # only when STORAGE_EMULATOR_HOST is set: local gs:// without a credential hunt
     options = pipeline_options(contract, beam_argv)
+    if contract.streaming:
+        _tune_local_worker(options)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
     result = p.run()
@@ -273,10 +306,14 @@ def _end_local_job(stop_runner: bool = True) -> None:
     from ingest.runner import stop_local_runners
     from ingest.unbounded import stop_loops
     from sinks import ledger
+    from sinks.duckdb_store import release_held
+    from state.mirror import forget as forget_mirrors
 
     try:
         stop_loops(final=True)
     finally:
+        release_held()  # the sink's held write connection: checkpointed, the file free for other processes
+        forget_mirrors()  # state.mirror: the job's in-process copies of its state
         ledger.reset()
         if stop_runner:
             stop_local_runners()

@@ -58,7 +58,7 @@ _LOG = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_PULL = 500
 PULL_TIMEOUT_SECONDS = 2.0
-MAX_READ_SECONDS = 1.0
+MAX_READ_SECONDS = 0.25
 IDLE_RESUME_DELAY = Duration.of(0.5)
 #: With nothing to pull the watermark follows wall-clock time minus this.
 IDLE_WATERMARK_LAG = Duration.of(5)

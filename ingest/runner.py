@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = ["runner_options", "uses_native_pubsub", "commit_mode", "find_prism", "PrismNotFound",
            "NATIVE_PUBSUB_RUNNERS", "PRISM_EXPERIMENTS", "supervised_prism", "stop_local_runners",
-           "LocalRunnerConfigError"]
+           "LocalRunnerConfigError", "tune_local_streaming_worker"]
 
 #: Runners on which Beam's own ReadFromPubSub works (Dataflow: native; DirectRunner: _DirectReadFromPubSub).
 NATIVE_PUBSUB_RUNNERS = frozenset({
@@ -257,3 +257,91 @@ def stop_local_runners() -> None:
         PrismRunner.shared_handle = type(PrismRunner.shared_handle)()  # the next job starts a fresh server
     except Exception:  # noqa: BLE001
         pass
+
+
+# -- the local streaming job's own process (Prism, LOOPBACK workers) ---------------------------------
+#: GIL switch interval while a local streaming job runs in this process (Python's default: 5 ms). Every
+#: per-key state read of the stateful steps (dedup's flag, the aggregate's cell) is a blocking round trip
+#: to Prism whose reply is handled by another thread of this process; with the default interval that
+#: thread waits up to 5 ms for the GIL whenever a busy thread (a source's poll, the sink, progress
+#: replies) holds it, which capped each stateful stage at ~200 elements/s (bench/README.md "Live path").
+LOCAL_SWITCH_INTERVAL_S = 0.0005
+#: Prism asks every running bundle for progress every 100 ms; the SDK answers with every metric of the
+#: bundle's transforms, which was ~half the job's CPU samples. Prism uses the reply for tentative metrics
+#: and for its split decision only, and headwater disables Prism's splits (PRISM_EXPERIMENTS): a reply
+#: carries the metrics at most this often per process, empty otherwise (final metrics are unaffected).
+LOCAL_PROGRESS_METRICS_EVERY_S = 5.0
+_tuned = False
+
+
+def tune_local_streaming_worker(experiments: Sequence[str]) -> None:
+    """Adjust this process for a local streaming job whose SDK workers run here (Prism, LOOPBACK): the GIL
+    switch interval, state commits sent together (``_pipeline_state_commits``) and cheap progress replies
+    (see the constants). ``experiments``: the job's Beam
+    experiments. Progress replies are left alone when Prism may split (``HEADWATER_PRISM_ALLOW_SPLITS=1``,
+    i.e. no ``prism_disable_sdf_split``): its split
+    decision reads them. Idempotent; ``HEADWATER_LOCAL_TUNING=0`` turns it off (measurements)."""
+    global _tuned
+    import sys
+
+    if os.environ.get("HEADWATER_LOCAL_TUNING") == "0":
+        return
+    sys.setswitchinterval(min(sys.getswitchinterval(), LOCAL_SWITCH_INTERVAL_S))
+    if _tuned:
+        return
+    _tuned = True
+    _pipeline_state_commits()
+    if "prism_disable_sdf_split" not in experiments:
+        return
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.worker import sdk_worker
+
+    real = sdk_worker.SdkWorker.process_bundle_progress
+    last = [0.0]
+
+    def process_bundle_progress(self, request, instruction_id):
+        import time
+
+        now = time.monotonic()
+        if now - last[0] >= LOCAL_PROGRESS_METRICS_EVERY_S:
+            last[0] = now
+            return real(self, request, instruction_id)
+        return beam_fn_api_pb2.InstructionResponse(
+            instruction_id=instruction_id,
+            process_bundle_progress=beam_fn_api_pb2.ProcessBundleProgressResponse())
+
+    process_bundle_progress.__wrapped__ = real
+    sdk_worker.SdkWorker.process_bundle_progress = process_bundle_progress
+
+
+def _pipeline_state_commits() -> None:
+    """At the end of a bundle Beam commits each touched state cell in turn and waits for Prism's reply to
+    each before sending the next: one blocking round trip per key (41 % of the bundle threads' time in the
+    live job's profile once the reads were mirrored, state.mirror). Send every cell's requests first, then
+    wait for them all. Prism answers a worker's state requests in order on one stream (worker.go ``State``),
+    which Beam's own commit already relies on (a cell's clear and its new value are sent without waiting in
+    between); cells of different keys are independent. Cell kinds other than bags and read-modify-write
+    cells commit as Beam does."""
+    from apache_beam.runners.worker import bundle_processor as bp
+
+    real = bp.FnApiUserStateContext.commit
+
+    def commit(self) -> None:
+        waits = []
+        for state in self._all_states.values():
+            bag = state._underlying_bag_state if type(state) is bp.ReadModifyWriteRuntimeState else state
+            if type(bag) is not bp.SynchronousBagRuntimeState:
+                state.commit()
+                continue
+            last = None
+            if bag._cleared:
+                last = bag._state_handler.clear(bag._state_key)
+            if bag._added_elements:
+                last = bag._state_handler.extend(bag._state_key, bag._value_coder.get_impl(), bag._added_elements)
+            if last is not None:
+                waits.append(last)
+        for w in waits:
+            w.get()
+
+    commit.__wrapped__ = real
+    bp.FnApiUserStateContext.commit = commit

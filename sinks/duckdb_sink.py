@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from flatten import live
 from flatten.options import SchemaMode
 from sinks import ledger
-from sinks.duckdb_store import DuckDBWarehouse
+from sinks.duckdb_store import DuckDBWarehouse, release_held
 from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["WriteToDuckDB", "FLUSH_ROWS"]
@@ -32,15 +32,16 @@ class _BufferedWriteFn(beam.DoFn):
     is in flight; ``finish_bundle`` waits for it, so a bundle only completes once its rows are stored."""
 
     def __init__(self, kind: str, warehouse: WarehouseSpec, tables: Mapping[str, TableSpec],
-                 modes: Mapping[str, SchemaMode]):
+                 modes: Mapping[str, SchemaMode], keep_open: bool = False):
         self._kind = kind
         self._args = (warehouse, dict(tables), dict(modes))
+        self._keep_open = keep_open  # streaming: small bundles share a held write connection (duckdb_store)
         # mirrored into flatten.live for the status line of `headwater run` (same increments)
         self._written = live.mirror(Metrics.counter("headwater", f"warehouse_{kind}_written"), f"{kind}_written")
         self._rejected = live.mirror(Metrics.counter("headwater", "dead_letters_warehouse"), "dead_letters_written")
 
     def setup(self) -> None:
-        self._wh = DuckDBWarehouse(*self._args)
+        self._wh = DuckDBWarehouse(*self._args, keep_open=self._keep_open)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duckdb-{self._kind}")
         self._pending: Optional[Future] = None
 
@@ -63,6 +64,8 @@ class _BufferedWriteFn(beam.DoFn):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
+        if self._keep_open:
+            release_held(self._args[0].path)
 
     def _wait(self) -> None:
         """Wait for the write in flight (re-raising its error) and count it here: Beam metrics belong to the
@@ -74,6 +77,7 @@ class _BufferedWriteFn(beam.DoFn):
         if rejected:
             self._rejected.inc(rejected)
         self._written.inc(written)
+        live.inc(f"{self._kind}_writes")  # writes per kind: with *_written, the rows per write (bench/stream_bench.py)
 
     def _flush(self) -> None:
         buf, self._buf = self._buf, []
@@ -121,8 +125,10 @@ class WriteToDuckDB(beam.PTransform):
         self._args = (warehouse, tables, modes)
 
     def expand(self, pcolls):
+        keep_open = not pcolls["rows"].is_bounded  # a live job: many small bundles (duckdb_store, held connections)
         for kind, label in (("rows", "WriteRows"), ("aggregates", "WriteAggregates"),
                             ("dead_letters", "WriteDeadLetters")):
             # Emits nothing; the declared type keeps the graph free of pickled coders (tests/deploy/test_typed_graph.py).
-            _ = pcolls[kind] | label >> beam.ParDo(_BufferedWriteFn(kind, *self._args)).with_output_types(bytes)
+            _ = pcolls[kind] | label >> beam.ParDo(
+                _BufferedWriteFn(kind, *self._args, keep_open=keep_open)).with_output_types(bytes)
         return pcolls

@@ -14,9 +14,19 @@ Tables
 
 Several writers in one process share a lock; writers in other processes retry
 while DuckDB's file lock is held.
+
+Held connections (the streaming sink, ``keep_open=True``): connect, the schema queries and the checkpoint
+on close cost ~60-100 ms of CPU per write whatever its size, and a live job writes small bundles. Such
+writers share one write connection per file and process that stays open between writes. Every statement
+still commits on its own (DuckDB's write-ahead log, so a write that returned survives a kill -9), the
+schemas are known in-process while the file is held (no other process can change it then), and the
+connection is closed, which checkpoints and lets other processes in (``headwater verify``, tests,
+``open_readonly``), after ``HOLD_IDLE_S`` without a write or ``HOLD_MAX_S`` after it was opened; after a
+release for age the next write waits ``READER_GAP_S`` so a waiting reader's retry gets in.
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import os
@@ -34,7 +44,7 @@ from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
 from flatten.schema import ColumnSchema, TableSchema, reconcile
 from sinks.spec import TableSpec, WarehouseSpec
 
-__all__ = ["DuckDBWarehouse", "duck_type", "open_readonly"]
+__all__ = ["DuckDBWarehouse", "duck_type", "open_readonly", "release_held"]
 
 #: DuckDB worker threads of a write connection. Writes run beside the pipeline (the sink's writer thread),
 #: and with DuckDB's default (one per core) the same inserts took 30-40 % more CPU on the 2-core machine
@@ -42,6 +52,12 @@ __all__ = ["DuckDBWarehouse", "duck_type", "open_readonly"]
 WRITE_THREADS = 1
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+#: Held write connections (module docstring): closed after this long without a write ...
+HOLD_IDLE_S = 0.5
+#: ... or this long after they were opened, even while writes keep coming (readers' worst wait) ...
+HOLD_MAX_S = 1.0
+#: ... and after a release for age, the next connect waits this long: open_readonly retries every 0.1 s.
+READER_GAP_S = 0.15
 _BQ_TO_DUCK = {
     "BOOL": "BOOLEAN", "BOOLEAN": "BOOLEAN", "INT64": "BIGINT", "INTEGER": "BIGINT", "FLOAT64": "DOUBLE",
     "FLOAT": "DOUBLE", "NUMERIC": "DECIMAL(38,9)", "BIGNUMERIC": "VARCHAR", "STRING": "VARCHAR",
@@ -67,8 +83,70 @@ def _lock_for(path: str) -> threading.Lock:
         return _LOCKS.setdefault(key, threading.Lock())
 
 
+class _Held:
+    """This process's held write connection to one file (guarded by the file's ``_lock_for`` lock)."""
+
+    __slots__ = ("path", "lock", "con", "opened", "last", "released", "schemas", "closer")
+
+    def __init__(self, path: str, lock: threading.Lock):
+        self.path = path
+        self.lock = lock
+        self.con: Optional[duckdb.DuckDBPyConnection] = None
+        self.opened = self.last = 0.0
+        self.released = 0.0  # monotonic time of the last release for age (READER_GAP_S)
+        self.schemas: dict[str, Optional[TableSchema]] = {}  # table -> schema, valid while the file is held
+        self.closer: Optional[threading.Thread] = None
+
+    def close(self) -> None:
+        """Close the connection (DuckDB checkpoints on close). Caller holds ``lock``."""
+        con, self.con = self.con, None
+        self.schemas = {}
+        if con is not None:
+            con.close()
+
+    def watch(self) -> None:
+        """Close the connection once it is idle for HOLD_IDLE_S (a daemon thread while it is open)."""
+        while True:
+            time.sleep(HOLD_IDLE_S / 4)
+            with self.lock:
+                if self.con is None:
+                    self.closer = None
+                    return
+                if time.monotonic() - self.last >= HOLD_IDLE_S:
+                    self.close()
+                    self.closer = None
+                    return
+
+
+_HELD: dict[str, _Held] = {}
+
+
+def _held_for(path: str) -> _Held:
+    key = os.path.abspath(path)
+    lock = _lock_for(path)
+    with _LOCKS_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            held = _HELD[key] = _Held(key, lock)
+        return held
+
+
+def release_held(path: Optional[str] = None) -> None:
+    """Close this process's held write connection to ``path`` (every file when None): the job ended, or
+    this process is about to open the file otherwise."""
+    with _LOCKS_GUARD:
+        helds = [h for k, h in _HELD.items() if path is None or k == os.path.abspath(path)]
+    for held in helds:
+        with held.lock:
+            held.close()
+
+
+atexit.register(release_held)
+
+
 def open_readonly(path: str, timeout_s: float = 30.0) -> duckdb.DuckDBPyConnection:
     """Open the warehouse for reading, waiting while a writer holds the file lock."""
+    release_held(path)  # this process's own held writer, if any: a read-only connection cannot coexist with it
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -83,13 +161,15 @@ class DuckDBWarehouse:
     """Writes batches of rows, aggregates and dead letters into one DuckDB file."""
 
     def __init__(self, spec: WarehouseSpec, tables: Mapping[str, TableSpec],
-                 modes: Mapping[str, SchemaMode], lock_timeout_s: float = 120.0):
+                 modes: Mapping[str, SchemaMode], lock_timeout_s: float = 120.0, keep_open: bool = False):
         self.spec = spec
         self.path = spec.path
         self.tables = dict(tables)
         self.modes = dict(modes)
         self._lock = _lock_for(self.path)
         self._timeout = lock_timeout_s
+        # keep_open: share this process's held write connection (module docstring); the streaming sink
+        self._held: Optional[_Held] = _held_for(self.path) if keep_open else None
 
     # -- connection -------------------------------------------------------------------------------
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -110,6 +190,8 @@ class DuckDBWarehouse:
             return con
 
     def _with_conn(self, fn):
+        if self._held is not None:
+            return self._with_held(fn)
         with self._lock:
             con = self._connect()
             try:
@@ -117,6 +199,35 @@ class DuckDBWarehouse:
                 return fn(con)
             finally:
                 con.close()
+
+    def _with_held(self, fn):
+        held = self._held
+        with held.lock:
+            now = time.monotonic()
+            if held.con is not None and now - held.opened >= HOLD_MAX_S:
+                held.close()  # checkpoint, and let a waiting reader in (READER_GAP_S)
+                held.released = now
+            if held.con is None:
+                gap = held.released + READER_GAP_S - now
+                if gap > 0:
+                    time.sleep(gap)
+                con = self._connect()
+                try:
+                    self._ensure_meta(con)
+                except BaseException:
+                    con.close()
+                    raise
+                held.con, held.opened = con, time.monotonic()
+                if held.closer is None:
+                    held.closer = threading.Thread(target=held.watch, name="duckdb-held-closer", daemon=True)
+                    held.closer.start()
+            try:
+                return fn(held.con)
+            except BaseException:
+                held.close()  # a failed write leaves nothing cached behind (schemas re-read on the next connect)
+                raise
+            finally:
+                held.last = time.monotonic()
 
     def _ensure_meta(self, con) -> None:
         dl, ag = _q(self.spec.dead_letter_table), _q(self.spec.aggregates_table)
@@ -132,6 +243,21 @@ class DuckDBWarehouse:
                     "final BOOLEAN, PRIMARY KEY (partner, aggregate, key, \"window\", version))")
 
     # -- schemas ----------------------------------------------------------------------------------
+    def _schema_of(self, con, table: str) -> Optional[TableSchema]:
+        """The table's current schema: from the held connection's cache when it has it."""
+        held = self._held
+        if held is not None and held.con is con and table in held.schemas:
+            return held.schemas[table]
+        schema = self._load_schema(con, table)
+        if held is not None and held.con is con and schema is not None:
+            held.schemas[table] = schema
+        return schema
+
+    def _remember_schema(self, con, table: str, schema: TableSchema) -> None:
+        held = self._held
+        if held is not None and held.con is con:
+            held.schemas[table] = schema
+
     @staticmethod
     def _load_schema(con, table: str) -> Optional[TableSchema]:
         row = con.execute("SELECT schema_json FROM _headwater_schemas WHERE table_name = ? "
@@ -176,7 +302,7 @@ class DuckDBWarehouse:
         partner = batch[0].partner
         spec = self.tables[partner]
         mode = self.modes.get(partner, SchemaMode.EVOLVE)
-        schema = self._load_schema(con, table)
+        schema = self._schema_of(con, table)
         if schema is None:
             schema = self._create_table(con, table, partner, spec)
         start = schema
@@ -213,6 +339,7 @@ class DuckDBWarehouse:
             ready.append(cols)
         if schema.version != start.version or schema.columns != start.columns:
             self._apply_schema(con, table, start, schema)
+            self._remember_schema(con, table, schema)
         for types_bytes, group in fits.items():
             if not self._insert_json(con, table, spec, schema, types_of[types_bytes], group):
                 for r in group:  # a value DuckDB refused: the dict path finds the row(s) and dead-letters them

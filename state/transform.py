@@ -31,6 +31,7 @@ from flatten.records import AggregateInput, AggregateRow, DeadLetter, Reason
 from state import aggregate as A
 from state import combine as C
 from state.bounded import FinalAggregates
+from state.mirror import MISSING, mirror_for, sketch_for
 from state.spec import AggregateSpec
 
 __all__ = ["ComputeAggregates", "AggregateOutputs", "MANIFEST"]
@@ -100,16 +101,21 @@ class _AggregateCore(beam.DoFn):
     PROBE_TIMER_NAME = "hw_probe"
 
     def __init__(self, specs: Mapping[tuple[str, str], AggregateSpec], step: str,
-                 clock: Callable[[], float], seed=None):
+                 clock: Callable[[], float], seed=None, local_state: Optional[str] = None):
         self._specs = dict(specs)
         self._step = step
         self._clock = clock
         self._seed = seed  # ingest.recovery.AggregateSeed: a key's state rebuilt from the warehouse (restart)
         self._plans: dict[tuple[str, str], A.Plan] = {}
+        # A job token when the runner's state lives in this process (Prism, LOOPBACK): the cells' bytes are
+        # mirrored here (state.mirror.ValueMirror) and read from the runner only on a miss. None: always read.
+        self._local_state = local_state
 
     def setup(self) -> None:
         if self._seed is not None:
             self._seed.load()
+        self._mirror = mirror_for(self._local_state, self._step) if self._local_state else None
+        self._written = sketch_for(self._local_state, self._step) if self._local_state else None  # keys ever written
         self._plans = {k: A.plan_for(s) for k, s in self._specs.items()}
         self._late = Metrics.counter("headwater.state", "dead_letter_late")
         self._bad = Metrics.counter("headwater.state", "dead_letter_other")
@@ -156,10 +162,30 @@ class _AggregateCore(beam.DoFn):
                                metrics=orjson.dumps(r.metrics), watermark_us=r.watermark_us,
                                version=r.version, emitted_us=now, final=r.final)
 
-    @staticmethod
-    def _load(cell) -> Optional[A.AggState]:
-        raw = cell.read()
+    def _load(self, key: AggKey, cell) -> Optional[A.AggState]:
+        mirror = getattr(self, "_mirror", None)
+        if mirror is None:
+            raw = cell.read()
+        else:
+            raw = mirror.get(key, MISSING)
+            if raw is MISSING:
+                # a key this job never wrote has no state (a new user): no read
+                raw = (cell.read() or None) if self._written.may_contain("\x1f".join(key)) else None
+                mirror.put(key, raw)
         return A.AggState.from_bytes(raw) if raw else None
+
+    def _store(self, key: AggKey, cell, st: Optional[A.AggState]) -> None:
+        """Write (or clear, for None) the key's cell, and its mirror."""
+        raw = None if st is None else st.to_bytes()
+        if raw is None:
+            cell.clear()
+        else:
+            cell.write(raw)
+        mirror = getattr(self, "_mirror", None)
+        if mirror is not None:
+            mirror.put(key, raw)
+            if raw is not None:
+                self._written.add("\x1f".join(key))
 
     def _decode(self, inp: AggregateInput) -> "tuple[Optional[A.Plan], Optional[dict], Optional[TaggedOutput]]":
         """(plan, values, None) for a usable input, else (None, None, dead letter)."""
@@ -182,7 +208,7 @@ class _AggregateCore(beam.DoFn):
         if dead is not None:
             yield dead
             return
-        st = self._load(cell)
+        st = self._load(element[0], cell)
         new_key = st is None
         before = (None, None, None) if st is None else (st.close_at, st.ttl_at, st.probe_at)
         if st is None and self._seed is not None:  # first touch after a restart: resume from the warehouse
@@ -194,12 +220,12 @@ class _AggregateCore(beam.DoFn):
         if rejections and rejections[0].reason == Reason.LATE:
             return  # state untouched
         self._sync(st, before, plan, timers)
-        cell.write(st.to_bytes())
+        self._store(element[0], cell, st)
         if new_key:
             self._keys_created.inc()
 
     def _timer(self, which: str, key: AggKey, ts: Timestamp, cell, timers: tuple) -> Iterator[AggregateRow]:
-        st = self._load(cell)
+        st = self._load(key, cell)
         if st is None:
             return
         plan = self._plans.get((key[0], key[1]))
@@ -207,7 +233,7 @@ class _AggregateCore(beam.DoFn):
             # The aggregate was removed from the contract (an update kept its state and timers):
             # drop the key's state and every pending timer instead of failing the bundle forever.
             self._dropped.inc()
-            cell.clear()
+            self._store(key, cell, None)
             for t in timers:
                 t.clear()
             return
@@ -230,13 +256,13 @@ class _AggregateCore(beam.DoFn):
             st, rows = A.expire(st, plan, ts.micros)
         if st is None:
             # TTL: every cell and timer of the key is cleared (the state-hygiene path).
-            cell.clear()
+            self._store(key, cell, None)
             for t in timers:
                 t.clear()
             self._keys_expired.inc()
         else:
             self._sync(st, tuple(before), plan, timers)
-            cell.write(st.to_bytes())
+            self._store(key, cell, st)
         yield from self._out(key, rows)
 
 
@@ -357,9 +383,11 @@ class ComputeAggregates(beam.PTransform):
 
     def __init__(self, specs: Mapping[tuple[str, str], AggregateSpec],
                  clock: Callable[[], float] = time.time, label: Optional[str] = None,
-                 streaming: Optional[bool] = None, fold_bounded: bool = True, seed=None):
+                 streaming: Optional[bool] = None, fold_bounded: bool = True, seed=None,
+                 local_state: Optional[str] = None):
         super().__init__(label)
         self._seed = seed  # ingest.recovery.AggregateSeed (a restarted local stream), stateful variants only
+        self._local_state = local_state  # a job token: state mirrored in-process (state.mirror), streaming only
         self._streaming = streaming
         self._fold_bounded = fold_bounded
         if not specs:
@@ -379,7 +407,8 @@ class ComputeAggregates(beam.PTransform):
         if streaming or not self._fold_bounded:
             fn_cls = _StreamingAggregateFn if streaming else _BoundedAggregateFn
             outs = keyed | AGG_LABEL >> _typed(
-                fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed), STATE_LABEL)
+                fn_cls(self._specs, f"{self.label}/{AGG_LABEL}", self._clock, self._seed,
+                       self._local_state if streaming else None), STATE_LABEL)
         else:
             checked = keyed | CHECK_LABEL >> beam.ParDo(
                 _CheckInputsFn(self._specs, f"{self.label}/{AGG_LABEL}", self._clock)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import pickle
+import uuid
 
 import apache_beam as beam
 import orjson
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
@@ -36,6 +38,13 @@ def ev(i: int, t_s: float, user: str = "u1", partner: str = "p", offset=None) ->
     return beam.window.TimestampedValue(e, t_s)  # stamped with the event time (timestamp_attribute)
 
 
+@pytest.fixture(params=[None, "mirrored"])
+def local(request):
+    """None: the flag is read per event; else a job token: ids this process never flagged skip the read
+    (state.mirror.KeySketch, what the local streaming runner uses; the DirectRunner's state is in-process)."""
+    return None if request.param is None else uuid.uuid4().hex
+
+
 def _ids(pcoll):
     return pcoll | "Ids" >> beam.Map(lambda e: e.event_id)
 
@@ -47,7 +56,7 @@ def test_arrival_expiry_is_from_arrival_not_from_an_old_event_time():
     assert arrival_expiry(future, NOW, WINDOW) == Timestamp.of(NOW + 10 + WINDOW)
 
 
-def test_old_events_redelivered_after_the_watermark_moved_on_are_dropped():
+def test_old_events_redelivered_after_the_watermark_moved_on_are_dropped(local):
     stream = (TestStream()
               .advance_watermark_to(NOW - 10)
               .add_elements([ev(1, NOW - 30 * DAY), ev(2, NOW - 3 * DAY)])  # a replay of old history
@@ -57,11 +66,11 @@ def test_old_events_redelivered_after_the_watermark_moved_on_are_dropped():
               .add_elements([ev(2, NOW - 3 * DAY), ev(3, NOW - 2 * DAY)])
               .advance_watermark_to_infinity())
     with beam.Pipeline(options=streaming_options()) as p:
-        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW))
+        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
         assert_that(_ids(out), equal_to(["e1", "e2", "e3"]))
 
 
-def test_late_and_replayed_events_pass_once_and_the_flag_expires_a_window_after_arrival():
+def test_late_and_replayed_events_pass_once_and_the_flag_expires_a_window_after_arrival(local):
     stream = (TestStream()
               .advance_watermark_to(NOW)
               .add_elements([ev(1, NOW - 1)])
@@ -72,7 +81,7 @@ def test_late_and_replayed_events_pass_once_and_the_flag_expires_a_window_after_
               .add_elements([ev(1, NOW - 1)])  # a replay after the window is a new arrival (documented bound)
               .advance_watermark_to_infinity())
     with beam.Pipeline(options=streaming_options()) as p:
-        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW))
+        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
         assert_that(_ids(out), equal_to(["e1", "e4", "e1"]))
 
 
@@ -86,7 +95,7 @@ def _to_input(e: Event) -> beam.window.TimestampedValue:
         e.event_time_us / 1_000_000)
 
 
-def test_redeliveries_of_old_late_and_replayed_events_are_counted_once_in_the_aggregates():
+def test_redeliveries_of_old_late_and_replayed_events_are_counted_once_in_the_aggregates(local):
     history = [ev(i, NOW - (40 - i) * DAY, user=f"u{i % 3}") for i in range(30)]  # a backfill-like replay
     stream = (TestStream()
               .advance_processing_time(NOW)
@@ -99,9 +108,10 @@ def test_redeliveries_of_old_late_and_replayed_events_are_counted_once_in_the_ag
               .advance_processing_time(120)
               .advance_watermark_to(NOW + 3600))
     with beam.Pipeline(options=streaming_options()) as p:
-        events = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW))
+        events = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
         out = (events | "ToInputs" >> beam.Map(_to_input)
-               | "Aggregate" >> ComputeAggregates({("p", "activity"): SPEC}, clock=FixedClock(NOW)))
+               | "Aggregate" >> ComputeAggregates({("p", "activity"): SPEC}, clock=FixedClock(NOW),
+                                                   local_state=local))
         rows = out.aggregates | "Plain" >> beam.Map(plain)
 
         def check(rows):
@@ -111,7 +121,7 @@ def test_redeliveries_of_old_late_and_replayed_events_are_counted_once_in_the_ag
         assert_that(rows, check)
 
 
-def test_ids_already_in_the_warehouse_count_as_seen_once_and_their_drops_resolve_the_ledger(tmp_path):
+def test_ids_already_in_the_warehouse_count_as_seen_once_and_their_drops_resolve_the_ledger(tmp_path, local):
     path = os.path.join(tmp_path, "seen.pickle")
     with open(path, "wb") as fh:
         pickle.dump({dedup_key("p", "e1"), dedup_key("p", "e2")}, fh)
@@ -127,7 +137,7 @@ def test_ids_already_in_the_warehouse_count_as_seen_once_and_their_drops_resolve
     try:
         with beam.Pipeline(options=streaming_options()) as p:
             out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, seed=seed,
-                                                                          clock=FixedClock(NOW))
+                                                                          clock=FixedClock(NOW), local_state=local)
             assert_that(_ids(out), equal_to(["e3"]))
         # e1, e2 (seeded) and e3's second copy (offset 4) were dropped: terminal. e3 at offset 3 still
         # waits for its rows, so the partition commits up to offset 3, not past it

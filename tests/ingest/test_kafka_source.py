@@ -32,6 +32,32 @@ def test_record_becomes_raw_message_with_coordinates():
                                                                            1_700_000_000_123_000)
 
 
+def test_record_batch_checksums_are_checked_in_c_with_the_same_result():
+    """kafka-python's pure-Python CRC-32C is replaced (issue 13): same checksum, and a corrupted batch is
+    still refused when records are read."""
+    import os
+
+    from kafka.record import default_records
+    from kafka.record._crc32c import crc as python_crc
+    from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+    from ingest.kafka_source import native_crc32c
+
+    assert native_crc32c()
+    assert getattr(default_records.calc_crc32c, "headwater", False)
+    for n in (0, 1, 7, 4096, 100_003):
+        data = os.urandom(n)
+        assert default_records.calc_crc32c(memoryview(data)[3:]) == python_crc(memoryview(data)[3:])
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False, producer_id=-1,
+                                        producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for i in range(50):
+        builder.append(i, timestamp=1_780_000_000_000 + i, key=None, value=b"v%d" % i, headers=[])
+    buf = bytearray(builder.build())
+    assert DefaultRecordBatch(bytes(buf)).validate_crc()
+    buf[-1] ^= 0xFF  # a flipped bit in the last record
+    assert not DefaultRecordBatch(bytes(buf)).validate_crc()
+
+
 def test_tracker_refuses_dynamic_splits_but_checkpoints():
     t = _NoDynamicSplitTracker(OffsetRange(10, 2**63 - 1))
     assert t.try_claim(10)

@@ -17,11 +17,24 @@ SPEC = AggregateSpec(
              MetricSpec(name="plan", fn="latest", column="plan")],
     windows=("lifetime", "1h"), emit_every="60s", allowed_lateness="10m", ttl="2h")
 SPECS = {("p", "activity"): SPEC}
+_LOCAL = [None]  # the job token of the current test: state mirrored in-process (state.mirror) or not
+
+
+@pytest.fixture(params=[None, "mirrored"], autouse=True)
+def local_state(request):
+    """Every stream runs twice: reading the runner's state per element, and with the in-process mirror the
+    local streaming runner uses (the DirectRunner's state lives in this process too)."""
+    import uuid
+
+    _LOCAL[0] = None if request.param is None else uuid.uuid4().hex
+    yield _LOCAL[0]
+    _LOCAL[0] = None
 
 
 def _run(stream, check_rows, check_dead):
     with beam.Pipeline(options=streaming_options()) as p:
-        out = p | "Events" >> stream | "Aggregate" >> ComputeAggregates(SPECS, clock=FixedClock())
+        out = p | "Events" >> stream | "Aggregate" >> ComputeAggregates(SPECS, clock=FixedClock(),
+                                                                         local_state=_LOCAL[0])
         rows = out.aggregates | "Plain" >> beam.Map(plain)
         assert_that(rows, check_rows, label="CheckRows")
         dead = out.dead_letter | "DeadPlain" >> beam.Map(lambda d: (d.reason, d.event_time_us, d.step))
