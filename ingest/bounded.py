@@ -25,6 +25,8 @@ the per-element pipeline kept whichever arrived first, so neither was determinis
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import pickle
 import time
@@ -48,7 +50,7 @@ from state import combine as C
 from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
 
-__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS"]
+__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS", "batch_gc"]
 
 #: Records per batch: large enough that Beam's per-element cost (~10-30 us) is noise, small enough
 #: that a batch's rows stay a few MB.
@@ -59,6 +61,25 @@ DEDUP_SHARDS = 16
 DEDUP_TAG = "dedup"
 ROWS_TAG = "rows"
 AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
+
+
+#: Python's cyclic collector while a bounded job runs in this process: a generation-0 pass every GC_GEN0
+#: allocations instead of 700. The job allocates millions of short-lived acyclic objects (freed by their
+#: reference counts) while the local runner holds millions of long-lived ones (the batches and dedup entries
+#: between stages), and each young pass that promotes objects leads to older passes over all of them: with
+#: the defaults the collector took ~20 % of the bounded job's CPU (bench/README.md, "Whole job").
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+@contextlib.contextmanager
+def batch_gc(thresholds: tuple = GC_THRESHOLDS) -> Iterator[None]:
+    """Run a bounded job with the collector's thresholds raised; the previous ones are restored after."""
+    before = gc.get_threshold()
+    gc.set_threshold(*(max(a, b) for a, b in zip(thresholds, before)))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 class MessageBatch(list):

@@ -10,6 +10,7 @@ the live stream did for the same events.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -217,9 +218,12 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     options = pipeline_options(contract, beam_argv)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
-    result = p.run()
-    if wait:
-        result.wait_until_finish()
+    from ingest.bounded import batch_gc
+
+    with contextlib.nullcontext() if contract.streaming else batch_gc():  # the local runner runs it here
+        result = p.run()
+        if wait:
+            result.wait_until_finish()
     return result
 
 
