@@ -30,6 +30,9 @@ FLUSH_ROWS = 50_000
 #: with the table, when every 50,000-row flush paid it (bench/README.md). Capped so that another process
 #: writing the same file (e.g. a second local worker) still gets in well within its connect timeout.
 HOLD_S = 10.0
+#: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
+#: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
+HELD_FLUSH_ROWS = 10_000
 
 
 class _HeldWarehouse(DuckDBWarehouse):
@@ -90,6 +93,8 @@ class _BufferedWriteFn(beam.DoFn):
         self._wh = _HeldWarehouse(*self._args) if self._hold else DuckDBWarehouse(*self._args)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duckdb-{self._kind}")
         self._pending: Optional[Future] = None
+        self._closing: Optional[Future] = None
+        self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
 
     def start_bundle(self) -> None:
         self._buf: list = []
@@ -99,7 +104,7 @@ class _BufferedWriteFn(beam.DoFn):
             self._buf.extend(element)
         else:
             self._buf.append(element)
-        if len(self._buf) >= FLUSH_ROWS:
+        if len(self._buf) >= self._flush_rows:
             self._flush()
 
     def finish_bundle(self) -> None:
@@ -108,7 +113,9 @@ class _BufferedWriteFn(beam.DoFn):
             self._wait()
         finally:
             if self._hold:
-                self._wh.release()
+                # The rows are committed (DuckDB's write-ahead log); closing the held connection checkpoints,
+                # which the writer thread does while the job goes on (the next write, teardown wait for it).
+                self._closing = self._pool.submit(self._wh.release)
 
     def teardown(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -116,6 +123,9 @@ class _BufferedWriteFn(beam.DoFn):
             pool.shutdown(wait=True)
         if self._hold and getattr(self, "_wh", None) is not None:
             self._wh.release()
+            closing, self._closing = self._closing, None
+            if closing is not None:
+                closing.result()  # re-raises a failed checkpoint
 
     def _wait(self) -> None:
         """Wait for the write in flight (re-raising its error) and count it here: Beam metrics belong to the
