@@ -218,9 +218,9 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
     options = pipeline_options(contract, beam_argv)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
-    from ingest.bounded import batch_gc
+    from ingest.bounded import bounded_settings
 
-    with contextlib.nullcontext() if contract.streaming else batch_gc():  # the local runner runs it here
+    with contextlib.nullcontext() if contract.streaming else bounded_settings():  # the local runner runs it here
         result = p.run()
         if wait:
             result.wait_until_finish()
