@@ -25,8 +25,11 @@ the per-element pipeline kept whichever arrived first, so neither was determinis
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import pickle
+import sys
 import time
 import zlib
 from typing import Iterator, Mapping
@@ -48,7 +51,7 @@ from state import combine as C
 from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
 
-__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS"]
+__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS", "bounded_settings"]
 
 #: Records per batch: large enough that Beam's per-element cost (~10-30 us) is noise, small enough
 #: that a batch's rows stay a few MB.
@@ -59,6 +62,33 @@ DEDUP_SHARDS = 16
 DEDUP_TAG = "dedup"
 ROWS_TAG = "rows"
 AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
+
+
+#: Python's cyclic collector while a bounded job runs in this process: a generation-0 pass every GC_GEN0
+#: allocations instead of 700. The job allocates millions of short-lived acyclic objects (freed by their
+#: reference counts) while the local runner holds millions of long-lived ones (the batches and dedup entries
+#: between stages), and each young pass that promotes objects leads to older passes over all of them: with
+#: the defaults the collector took ~20 % of the bounded job's CPU (bench/README.md, "Whole job").
+GC_THRESHOLDS = (50_000, 20, 100)
+#: The interpreter's thread switch interval (seconds) while a bounded job runs in this process. The sink's
+#: writer thread needs the GIL back after every DuckDB statement (DuckDB releases it while it works); with
+#: Python's default 5 ms each hand-back waited up to 5 ms behind the pipeline thread, so the writer, the
+#: bounded job's slowest part, spent more time waiting than working (bench/README.md).
+SWITCH_INTERVAL_S = 0.0005
+
+
+@contextlib.contextmanager
+def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH_INTERVAL_S) -> Iterator[None]:
+    """Run a bounded job with the collector's thresholds raised and a short thread switch interval; the
+    previous settings are restored after."""
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
+    gc.set_threshold(*(max(a, b) for a, b in zip(thresholds, before)))
+    sys.setswitchinterval(min(switch_s, interval))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
 
 
 class MessageBatch(list):

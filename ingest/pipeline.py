@@ -10,6 +10,7 @@ the live stream did for the same events.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -250,9 +251,12 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
         _tune_local_worker(options)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
-    result = p.run()
-    if wait:
-        result.wait_until_finish()
+    from ingest.bounded import bounded_settings
+
+    with contextlib.nullcontext() if contract.streaming else bounded_settings():  # the local runner runs it here
+        result = p.run()
+        if wait:
+            result.wait_until_finish()
     return result
 
 

@@ -7,6 +7,7 @@ in the same flush and counted, never dropped.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping, Optional
 
@@ -24,6 +25,54 @@ __all__ = ["WriteToDuckDB", "FLUSH_ROWS"]
 #: Rows per write. Each write is one INSERT and one checkpoint of the DuckDB file (on close), whose
 #: cost grows with the table: fewer, larger writes are cheaper overall (bench/README.md).
 FLUSH_ROWS = 50_000
+#: A bounded job's writer keeps its write connection between flushes for at most this long (then closes it,
+#: which checkpoints, and reconnects): the checkpoint on close cost 15-25 CPU-us per row written, growing
+#: with the table, when every 50,000-row flush paid it (bench/README.md). Capped so that another process
+#: writing the same file (e.g. a second local worker) still gets in well within its connect timeout.
+HOLD_S = 10.0
+#: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
+#: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
+HELD_FLUSH_ROWS = 10_000
+
+
+class _HeldWarehouse(DuckDBWarehouse):
+    """A ``DuckDBWarehouse`` whose write connection stays open from one write to the next within a bundle
+    (``release`` closes it: the sink calls it in ``finish_bundle``) and for at most ``HOLD_S``. Every
+    statement still commits on its own; the file's in-process lock is held per write, as before, so the
+    other writers of this process (which share the open database) go on writing in between."""
+
+    def __init__(self, *args, hold_s: float = HOLD_S):
+        super().__init__(*args)
+        self._hold_s = hold_s
+        self._con = None
+        self._opened = 0.0
+
+    def _with_conn(self, fn):
+        with self._lock:
+            if self._con is not None and time.monotonic() - self._opened >= self._hold_s:
+                self._close()
+            if self._con is None:
+                con = self._connect()
+                try:
+                    self._ensure_meta(con)
+                except BaseException:
+                    con.close()
+                    raise
+                self._con, self._opened = con, time.monotonic()
+            try:
+                return fn(self._con)
+            except BaseException:
+                self._close()  # as the plain warehouse: a failed write leaves no connection behind
+                raise
+
+    def _close(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()  # DuckDB checkpoints on close
+
+    def release(self) -> None:
+        with self._lock:
+            self._close()
 
 
 class _BufferedWriteFn(beam.DoFn):
@@ -32,18 +81,22 @@ class _BufferedWriteFn(beam.DoFn):
     is in flight; ``finish_bundle`` waits for it, so a bundle only completes once its rows are stored."""
 
     def __init__(self, kind: str, warehouse: WarehouseSpec, tables: Mapping[str, TableSpec],
-                 modes: Mapping[str, SchemaMode], keep_open: bool = False):
+                 modes: Mapping[str, SchemaMode], hold: bool = False, keep_open: bool = False):
         self._kind = kind
         self._args = (warehouse, dict(tables), dict(modes))
+        self._hold = hold  # a bounded input: keep the write connection within a bundle (_HeldWarehouse)
         self._keep_open = keep_open  # streaming: small bundles share a held write connection (duckdb_store)
         # mirrored into flatten.live for the status line of `headwater run` (same increments)
         self._written = live.mirror(Metrics.counter("headwater", f"warehouse_{kind}_written"), f"{kind}_written")
         self._rejected = live.mirror(Metrics.counter("headwater", "dead_letters_warehouse"), "dead_letters_written")
 
     def setup(self) -> None:
-        self._wh = DuckDBWarehouse(*self._args, keep_open=self._keep_open)
+        self._wh = (_HeldWarehouse(*self._args) if self._hold
+                    else DuckDBWarehouse(*self._args, keep_open=self._keep_open))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duckdb-{self._kind}")
         self._pending: Optional[Future] = None
+        self._closing: Optional[Future] = None
+        self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
 
     def start_bundle(self) -> None:
         self._buf: list = []
@@ -53,12 +106,18 @@ class _BufferedWriteFn(beam.DoFn):
             self._buf.extend(element)
         else:
             self._buf.append(element)
-        if len(self._buf) >= FLUSH_ROWS:
+        if len(self._buf) >= self._flush_rows:
             self._flush()
 
     def finish_bundle(self) -> None:
         self._flush()
-        self._wait()
+        try:
+            self._wait()
+        finally:
+            if self._hold:
+                # The rows are committed (DuckDB's write-ahead log); closing the held connection checkpoints,
+                # which the writer thread does while the job goes on (the next write, teardown wait for it).
+                self._closing = self._pool.submit(self._wh.release)
 
     def teardown(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -66,6 +125,11 @@ class _BufferedWriteFn(beam.DoFn):
             pool.shutdown(wait=True)
         if self._keep_open:
             release_held(self._args[0].path)
+        if self._hold and getattr(self, "_wh", None) is not None:
+            self._wh.release()
+            closing, self._closing = self._closing, None
+            if closing is not None:
+                closing.result()  # re-raises a failed checkpoint
 
     def _wait(self) -> None:
         """Wait for the write in flight (re-raising its error) and count it here: Beam metrics belong to the
@@ -129,6 +193,6 @@ class WriteToDuckDB(beam.PTransform):
         for kind, label in (("rows", "WriteRows"), ("aggregates", "WriteAggregates"),
                             ("dead_letters", "WriteDeadLetters")):
             # Emits nothing; the declared type keeps the graph free of pickled coders (tests/deploy/test_typed_graph.py).
-            _ = pcolls[kind] | label >> beam.ParDo(
-                _BufferedWriteFn(kind, *self._args, keep_open=keep_open)).with_output_types(bytes)
+            _ = pcolls[kind] | label >> beam.ParDo(_BufferedWriteFn(
+                kind, *self._args, hold=pcolls[kind].is_bounded, keep_open=keep_open)).with_output_types(bytes)
         return pcolls

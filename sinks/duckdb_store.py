@@ -358,6 +358,8 @@ class DuckDBWarehouse:
         nothing, when it fails."""
         read_types = {"_row_id": "VARCHAR"}
         for name in types:
+            if name == "_row_id":  # a child row's id is one of its columns too: the same id, taken from the row
+                continue
             col = schema.get(name)
             if col is None or name in _BASE_COLUMNS:
                 return False
