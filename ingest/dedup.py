@@ -15,7 +15,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from flatten.records import Event
 from ingest import progress
 from sinks import ledger
-from state.mirror import sketch_for
+from state.mirror import sketch_for, write_new
 
 __all__ = ["DropDuplicateEvents", "arrival_expiry"]
 
@@ -71,11 +71,18 @@ class _DedupFn(beam.DoFn):
                 expiry=beam.DoFn.TimerParam(EXPIRY)):
         key, event = kv
         sketch = self._sketch
-        if (sketch is None or sketch.may_contain(key)) and seen.read():
-            self._drop(event)
-            return
-        seen.write(True)
-        if sketch is not None:
+        if sketch is None:
+            if seen.read():
+                self._drop(event)
+                return
+            seen.write(True)
+        elif sketch.may_contain(key):
+            if seen.read():
+                self._drop(event)
+                return
+            seen.write(True)
+        else:  # never flagged by this job: no state to read, none to clear
+            write_new(seen, True)
             sketch.add(key)
         expiry.set(arrival_expiry(ts, self._clock(), self._window_s))
         if self._seed is not None and self._seed.take(key):

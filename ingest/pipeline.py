@@ -126,11 +126,12 @@ class HeadwaterPipeline(beam.PTransform):
 def _state_in_this_process(options: Optional[PipelineOptions]) -> Optional[str]:
     """A job token when the job's per-key state lives in this process and only this process writes it:
     Prism with LOOPBACK workers (the local streaming runner; Prism keeps state in memory, dies with the job
-    and fails the job on a failed bundle). The stateful steps then mirror their state in-process
-    (``state.mirror``) instead of a gRPC round trip per event. None elsewhere (Dataflow, other runners)."""
+    and fails the job on a failed bundle), with its splits disabled (``prism_disable_sdf_split``, one bundle
+    per key at a time). The stateful steps then mirror their state in-process (``state.mirror``) instead of
+    a gRPC round trip per event. None elsewhere (Dataflow, other runners)."""
     import uuid
 
-    from apache_beam.options.pipeline_options import PortableOptions
+    from apache_beam.options.pipeline_options import DebugOptions, PortableOptions
 
     from ingest.runner import _runner_name
 
@@ -138,6 +139,8 @@ def _state_in_this_process(options: Optional[PipelineOptions]) -> Optional[str]:
         return None
     if options.view_as(PortableOptions).environment_type != "LOOPBACK":
         return None
+    if "prism_disable_sdf_split" not in (options.view_as(DebugOptions).experiments or []):
+        return None  # Prism may split a stateful bundle (HEADWATER_PRISM_ALLOW_SPLITS=1): two bundles per key
     return uuid.uuid4().hex
 
 

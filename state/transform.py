@@ -31,7 +31,7 @@ from flatten.records import AggregateInput, AggregateRow, DeadLetter, Reason
 from state import aggregate as A
 from state import combine as C
 from state.bounded import FinalAggregates
-from state.mirror import MISSING, mirror_for, sketch_for
+from state.mirror import MISSING, mirror_for, sketch_for, write_new
 from state.spec import AggregateSpec
 
 __all__ = ["ComputeAggregates", "AggregateOutputs", "MANIFEST"]
@@ -177,11 +177,13 @@ class _AggregateCore(beam.DoFn):
     def _store(self, key: AggKey, cell, st: Optional[A.AggState]) -> None:
         """Write (or clear, for None) the key's cell, and its mirror."""
         raw = None if st is None else st.to_bytes()
+        mirror = getattr(self, "_mirror", None)
         if raw is None:
             cell.clear()
+        elif mirror is not None and not self._written.may_contain("\x1f".join(key)):
+            write_new(cell, raw)  # a key this job never wrote: its cell is empty, no clear to send
         else:
             cell.write(raw)
-        mirror = getattr(self, "_mirror", None)
         if mirror is not None:
             mirror.put(key, raw)
             if raw is not None:

@@ -132,3 +132,19 @@ def test_state_commits_are_sent_together_then_awaited(untuned):
     first_wait = next(i for i, e in enumerate(h.log) if e[0] == "wait")
     assert first_wait == len(sent), h.log  # nothing awaited before every request was sent
     assert [e[1] for e in h.log[first_wait:]] == [("extend", "a"), ("extend", "b"), ("extend", "c")]
+
+
+def test_state_is_mirrored_only_where_it_lives_in_this_process():
+    """state.mirror is exact only when this process writes all of the job's state and Prism runs one
+    bundle per key at a time: Prism with LOOPBACK workers and its splits disabled."""
+    from ingest.pipeline import _state_in_this_process
+
+    local = ["--runner=PrismRunner", "--environment_type=LOOPBACK", "--streaming"]
+    a = _state_in_this_process(PipelineOptions([*local, "--experiments=prism_disable_sdf_split"]))
+    b = _state_in_this_process(PipelineOptions([*local, "--experiments=prism_disable_sdf_split"]))
+    assert a and b and a != b  # one token per job
+    assert _state_in_this_process(PipelineOptions(local)) is None  # splits allowed
+    assert _state_in_this_process(PipelineOptions(["--runner=PrismRunner", "--environment_type=DOCKER",
+                                                   "--experiments=prism_disable_sdf_split"])) is None
+    assert _state_in_this_process(PipelineOptions(["--runner=DataflowRunner", "--streaming"])) is None
+    assert _state_in_this_process(PipelineOptions(["--runner=FnApiRunner"])) is None

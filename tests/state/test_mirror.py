@@ -90,3 +90,63 @@ def test_a_step_has_both_a_sketch_and_a_value_mirror():
     v = mirror.mirror_for("job3", "ComputeAggregates/AggregatePerKey")
     assert isinstance(s, KeySketch) and isinstance(v, ValueMirror)
     mirror.forget("job3")
+
+
+class _EmptyHandler:
+    """A runner whose cells are all empty; records the requests a commit sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def blocking_get(self, key, coder):
+        self.sent.append(("get", key))
+        return iter(())
+
+    def clear(self, key):
+        self.sent.append(("clear", key))
+        return _Done()
+
+    def extend(self, key, coder, elements):
+        self.sent.append(("extend", key, list(elements)))
+        return _Done()
+
+
+class _Done:
+    def get(self):
+        return None
+
+
+def test_write_new_stores_the_value_without_a_clear_request():
+    from apache_beam.coders import BooleanCoder
+    from apache_beam.runners.worker import bundle_processor as bp
+
+    from state.mirror import write_new
+
+    h = _EmptyHandler()
+    cell = bp.ReadModifyWriteRuntimeState(bp.SynchronousBagRuntimeState(h, "k", BooleanCoder()))
+    write_new(cell, True)
+    assert h.sent == []  # no read, nothing sent yet
+    cell.commit()
+    assert h.sent == [("extend", "k", [True])]
+    h.sent.clear()
+    again = bp.ReadModifyWriteRuntimeState(bp.SynchronousBagRuntimeState(h, "k2", BooleanCoder()))
+    write_new(again, True)
+    assert again.read() is True  # read in the same bundle: the (empty) stored bag plus the new value
+    again.write(False)  # a later write in the bundle is Beam's own: clear + append
+    again.commit()
+    assert [r[0] for r in h.sent if r[0] != "get"] == ["clear", "extend"] and h.sent[-1][2] == [False]
+
+
+def test_write_new_on_another_runtime_writes_as_usual():
+    from state.mirror import write_new
+
+    class Cell:
+        def __init__(self):
+            self.value = None
+
+        def write(self, v):
+            self.value = v
+
+    c = Cell()
+    write_new(c, b"x")
+    assert c.value == b"x"
