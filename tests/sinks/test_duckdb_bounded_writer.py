@@ -1,0 +1,134 @@
+"""The bounded job's DuckDB row writer (sinks.duckdb_sink: held connection within a bundle, child rows through
+the JSON insert path) and the interpreter settings a bounded run uses (ingest.bounded.bounded_settings).
+Real DuckDB files; "another process" is a real subprocess opening the file."""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+
+from flatten.fast import FastFlattener
+from flatten.options import FlattenOptions
+from flatten.records import TableRow
+from flatten.options import SchemaMode
+from ingest.bounded import bounded_settings
+from sinks import duckdb_sink, duckdb_store
+from sinks.duckdb_store import DuckDBWarehouse
+from sinks.spec import TableSpec, WarehouseSpec
+
+T0 = 1_764_547_200_000_000  # 2025-12-01T00:00:00Z
+
+
+def _rows(n: int, start: int = 0) -> list:
+    """n events with 2 child rows each (accounts[]), as the flattener makes them."""
+    ff = FastFlattener(FlattenOptions())
+    out = []
+    for i in range(start, start + n):
+        doc = orjson.dumps({"event": {"id": f"e{i}"}, "amount": i * 1.5, "accounts": [
+            {"number": f"n{i}-{k}", "balance": k} for k in range(2)]})
+        for sub, row_id, cols, types in ff.rows_python(doc, f"e{i}", f"u{i % 7}", T0 + i):
+            out.append(TableRow("acme", "t" if not sub else f"t__{sub}", row_id, f"e{i}", T0 + i, cols, types))
+    return out
+
+
+def _warehouse(path, cls=DuckDBWarehouse, **kw):
+    return cls(WarehouseSpec(kind="duckdb", path=str(path)), {"acme": TableSpec(name="t")},
+               {"acme": SchemaMode.EVOLVE}, **kw)
+
+
+def _counts_in_other_process(path) -> dict:
+    """Row counts read by a separate process: it can only open the file once no writer holds it."""
+    code = textwrap.dedent(f"""
+        import json, duckdb
+        con = duckdb.connect({str(path)!r}, read_only=True)
+        print(json.dumps({{t: con.execute(f'SELECT count(*), count(DISTINCT _row_id) FROM "{{t}}"').fetchone()
+                           for t in ("t", "t__accounts")}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, check=True)
+    return {k: tuple(v) for k, v in orjson.loads(out.stdout.splitlines()[-1]).items()}
+
+
+def test_held_writer_keeps_one_connection_and_frees_the_file_on_release(tmp_path):
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=3600)
+    assert wh.write_rows(_rows(50)) == []
+    con = wh._con
+    assert con is not None
+    assert wh.write_rows(_rows(50, start=50)) == []
+    assert wh.write_rows(_rows(10, start=95)) == []  # 5 repeated events: ignored by row id
+    assert wh._con is con  # no reconnect (and no checkpoint) between writes
+    wh.release()
+    assert wh._con is None
+    assert _counts_in_other_process(path) == {"t": (105, 105), "t__accounts": (210, 210)}
+
+
+def test_held_writer_reconnects_after_hold_s(tmp_path):
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=0.0)
+    wh.write_rows(_rows(5))
+    first = wh._con
+    wh.write_rows(_rows(5, start=5))
+    assert wh._con is not first  # held for at most hold_s: closed (checkpointed) and reopened
+    wh.release()
+    assert _counts_in_other_process(path) == {"t": (10, 10), "t__accounts": (20, 20)}
+
+
+def test_child_rows_take_the_json_insert_path(tmp_path, monkeypatch):
+    """A child row's columns include its _row_id: it must not push the whole table to the per-row dict path."""
+    calls = []
+    real = DuckDBWarehouse._insert
+
+    def spy(self, con, table, spec, schema, recs, batch):
+        calls.append((table, len(recs)))
+        return real(self, con, table, spec, schema, recs, batch)
+
+    monkeypatch.setattr(DuckDBWarehouse, "_insert", spy)
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path)
+    rows = _rows(40)
+    assert orjson.loads(rows[1].row)["_row_id"] == rows[1].row_id  # the case under test: a child row
+    wh.write_rows(rows)
+    wh.write_rows(_rows(40, start=40))
+    # only the first row of each new table (it adds the columns) goes through the dict path
+    assert sorted(calls) == [("t", 1), ("t__accounts", 1)]
+    con = duckdb_store.open_readonly(str(path))
+    try:
+        got = con.execute('SELECT _row_id, number, balance FROM "t__accounts" ORDER BY _row_id').fetchall()
+    finally:
+        con.close()
+    want = sorted((r.row_id, orjson.loads(r.row)["number"], orjson.loads(r.row)["balance"])
+                  for r in rows + _rows(40, start=40) if r.table == "t__accounts")
+    assert got == want
+
+
+def test_bundle_lifecycle_waits_for_rows_and_releases_the_file(tmp_path):
+    path = tmp_path / "w.duckdb"
+    fn = duckdb_sink._BufferedWriteFn("rows", WarehouseSpec(kind="duckdb", path=str(path)),
+                                      {"acme": TableSpec(name="t")}, {"acme": SchemaMode.EVOLVE}, hold=True)
+    fn.setup()
+    assert fn._flush_rows == duckdb_sink.HELD_FLUSH_ROWS
+    fn.start_bundle()
+    for k in range(0, 300, 30):
+        fn.process(_rows(30, start=k))
+    fn.finish_bundle()  # rows committed; the held connection closes in the writer thread
+    fn.start_bundle()  # a second bundle reconnects after that close
+    fn.process(_rows(10, start=300))
+    fn.finish_bundle()
+    fn.teardown()  # waits for the last close
+    assert fn._wh._con is None
+    assert _counts_in_other_process(path) == {"t": (310, 310), "t__accounts": (620, 620)}
+
+
+def test_bounded_settings_are_restored():
+    before_gc, before_si = gc.get_threshold(), sys.getswitchinterval()
+    with pytest.raises(RuntimeError):
+        with bounded_settings(thresholds=(123_456, 30, 200), switch_s=0.0007):
+            assert gc.get_threshold() == (max(123_456, before_gc[0]), max(30, before_gc[1]), max(200, before_gc[2]))
+            assert sys.getswitchinterval() == pytest.approx(min(0.0007, before_si))
+            raise RuntimeError("the job failed")
+    assert gc.get_threshold() == before_gc
+    assert sys.getswitchinterval() == before_si
