@@ -52,13 +52,7 @@ class _HeldWarehouse(DuckDBWarehouse):
             if self._con is not None and time.monotonic() - self._opened >= self._hold_s:
                 self._close()
             if self._con is None:
-                con = self._connect()
-                try:
-                    self._ensure_meta(con)
-                except BaseException:
-                    con.close()
-                    raise
-                self._con, self._opened = con, time.monotonic()
+                self._con, self._opened = self._open_writer(), time.monotonic()
             try:
                 return fn(self._con)
             except BaseException:

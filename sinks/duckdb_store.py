@@ -189,6 +189,17 @@ class DuckDBWarehouse:
             con.execute(f"SET threads = {WRITE_THREADS}")
             return con
 
+    def _open_writer(self) -> duckdb.DuckDBPyConnection:
+        """A write connection kept past one write (the held ones): the metadata tables ensured, closed again
+        if that fails."""
+        con = self._connect()
+        try:
+            self._ensure_meta(con)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
     def _with_conn(self, fn):
         if self._held is not None:
             return self._with_held(fn)
@@ -211,13 +222,7 @@ class DuckDBWarehouse:
                 gap = held.released + READER_GAP_S - now
                 if gap > 0:
                     time.sleep(gap)
-                con = self._connect()
-                try:
-                    self._ensure_meta(con)
-                except BaseException:
-                    con.close()
-                    raise
-                held.con, held.opened = con, time.monotonic()
+                held.con, held.opened = self._open_writer(), time.monotonic()
                 if held.closer is None:
                     held.closer = threading.Thread(target=held.watch, name="duckdb-held-closer", daemon=True)
                     held.closer.start()
