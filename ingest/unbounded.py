@@ -151,35 +151,37 @@ class BackgroundLoop:
         in one line: nothing is left uncommitted silently."""
         self._stop.set()
         self._thread.join(LOOP_JOIN_S if timeout_s is None else timeout_s)
-        ok = True
+        ok, checked = True, self.owner
         if final and not self._thread.is_alive():
             ok = self._once()
         elif final and self._make_owner is not None:
             _LOG.warning("headwater %s: a step has not returned for %.0fs at stop; committing with fresh clients",
                          self.name, self.busy_for())
-            ok = _final_step_with_fresh_owner(self.name, self._make_owner)
+            fresh = _final_step_with_fresh_owner(self.name, self._make_owner)
+            ok, checked = fresh is not None, fresh or self.owner
         close = getattr(self.owner, "close", None)
         if close is not None and not self._thread.is_alive():
             try:
                 close()
             except Exception:  # noqa: BLE001 - closing a client of a server that is gone
                 pass
-        left = getattr(self.owner, "uncommitted", None)
+        left = getattr(checked, "uncommitted", None)
         if not ok or (left is not None and left()):
             _LOG.warning("headwater %s: stopped with work not committed (it is redelivered and dropped as a "
-                         "duplicate on the next run); pending: %s", self.name, self.pending_text())
+                         "duplicate on the next run); pending: %s", self.name, checked.pending())
 
 
-def _final_step_with_fresh_owner(name: str, make_owner: Callable[[], object]) -> bool:
-    """One ``step()`` of a new owner on a daemon thread, waited for at most ``LOOP_FINAL_STEP_S``."""
-    done: list[bool] = []
+def _final_step_with_fresh_owner(name: str, make_owner: Callable[[], object]) -> Optional[object]:
+    """One ``step()`` of a new owner on a daemon thread, waited for at most ``LOOP_FINAL_STEP_S``: the
+    owner if its step returned (what it committed is then its state, not the stuck owner's), else None."""
+    done: list[object] = []
 
     def run() -> None:
         owner = None
         try:
             owner = make_owner()
             owner.step()
-            done.append(True)
+            done.append(owner)
         except Exception as exc:  # noqa: BLE001
             _LOG.warning("headwater %s: final step failed (%s: %s)", name, type(exc).__name__, str(exc)[:300])
         finally:
@@ -193,7 +195,7 @@ def _final_step_with_fresh_owner(name: str, make_owner: Callable[[], object]) ->
     t = threading.Thread(target=run, name=f"headwater-{name}-final", daemon=True)
     t.start()
     t.join(LOOP_FINAL_STEP_S)
-    return bool(done)
+    return done[0] if done else None
 
 
 def stop_loops(final: bool = True) -> None:
