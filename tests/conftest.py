@@ -72,3 +72,25 @@ def pytest_sessionfinish(session, exitstatus):
         sys.stderr.write(f"\nheadwater: {len(left)} runner process(es) started by this test session are still "
                          f"running: {left}\n")
         session.exitstatus = 1
+
+
+def plant_metric_drift(con, partner: str, aggregate: str, key: str, metric: str, delta: int,
+                       window: str = "lifetime") -> dict:
+    """Add ``delta`` to ``metric`` in the latest aggregate row of (partner, aggregate, key, window) of a
+    DuckDB warehouse (a drift for `headwater verify` to find); returns the metrics as planted."""
+    import orjson
+
+    where = "partner = ? AND aggregate = ? AND key = ? AND \"window\" = ?"
+    metrics, version = con.execute(f"SELECT metrics, version FROM aggregates WHERE {where} "
+                                   "ORDER BY version DESC LIMIT 1", [partner, aggregate, key, window]).fetchone()
+    before = orjson.loads(metrics)
+    changed = {**before, metric: before[metric] + delta}
+    con.execute(f"UPDATE aggregates SET metrics = ? WHERE {where} AND version = ?",
+                [orjson.dumps(changed).decode(), partner, aggregate, key, window, version])
+    return changed
+
+
+def plant_unseen_event(con, table: str, user: str) -> None:
+    """Copy the earliest event row of ``user`` in ``table`` under a new id: an event no aggregate saw."""
+    con.execute(f"INSERT INTO {table} SELECT * REPLACE ('planted' AS _row_id, 'planted' AS _event_id) "
+                f"FROM {table} WHERE _user_id = ? ORDER BY _event_time LIMIT 1", [user])

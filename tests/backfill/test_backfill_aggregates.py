@@ -27,6 +27,7 @@ from ingest.contract import parse_contract
 from sinks.duckdb_store import open_readonly
 from sinks.warehouse_reader import aggregate_inputs_from_warehouse, latest_aggregate_rows, specs_of
 from state.recompute import recompute
+from tests.conftest import plant_metric_drift, plant_unseen_event
 from tests.conftest_cloud import cloud_services, unique_id  # noqa: F401  (fixture)
 from tests.sinks.test_warehouse_reader import events, raw_contract, write_warehouse
 
@@ -133,15 +134,9 @@ def test_backfill_history_recomputes_the_touched_keys_and_rerun_changes_nothing(
 def test_verify_repair_fixes_planted_drift_and_is_idempotent(warehouse, capsys):
     db, contract, cfg = warehouse
     con = duckdb.connect(str(db))
-    row = con.execute("SELECT metrics, version FROM aggregates WHERE partner='evo' AND aggregate='activity' "
-                      "AND key='u3' AND \"window\"='lifetime' ORDER BY version DESC LIMIT 1").fetchone()
-    m = orjson.loads(row[0])
-    m["n"] += 2
-    con.execute("UPDATE aggregates SET metrics = ? WHERE partner='evo' AND aggregate='activity' AND key='u3' "
-                "AND \"window\"='lifetime' AND version = ?", [orjson.dumps(m).decode(), row[1]])
+    m = plant_metric_drift(con, "evo", "activity", "u3", "n", 2)
     con.execute("DELETE FROM aggregates WHERE partner='frz' AND aggregate='activity' AND key='u5'")
-    con.execute("INSERT INTO evo_events SELECT * REPLACE ('planted' AS _row_id, 'planted' AS _event_id) "
-                "FROM evo_events WHERE _user_id = 'u7' ORDER BY _event_time LIMIT 1")
+    plant_unseen_event(con, "evo_events", "u7")
     con.close()
     code = main(["verify", "--config", cfg])
     out = capsys.readouterr().out

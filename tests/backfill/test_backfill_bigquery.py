@@ -19,23 +19,16 @@ import pytest
 
 from backfill.planner import build_plan
 from backfill.runner import run_backfill
-from backfill.spec import BackfillSpec, parse_instant_us
+from backfill.spec import BackfillSpec
 from ingest.contract import parse_contract
 from sinks.bq_client import make_client
+from tests.backfill.test_backfill_duckdb import D1, DAY_US, _event  # the same history on both warehouses
 from tests.conftest_cloud import cloud_services, unique_id  # noqa: F401  (fixture)
 from tests.ingest.test_objectstore import upload_gcs, upload_s3
 
 pytestmark = pytest.mark.integration
 
 _FAST = {"max_attempts": 3, "initial_backoff_s": 0.05, "max_backoff_s": 0.5, "request_timeout_s": 60}
-DAY_US = 86_400_000_000
-D1 = parse_instant_us("2026-03-01", "t")
-
-
-def _event(i: int, **extra) -> dict:
-    day, k = divmod(i, 200)
-    return {"id": f"ev{i:04d}", "timestamp": f"2026-03-0{day + 1}T{k % 24:02d}:{k % 60:02d}:00Z",
-            "user": {"id": f"u{i % 20}"}, "amount": i, "items": [{"sku": f"s{i % 7}"}, {"sku": f"s{i % 5}"}], **extra}
 
 
 def _chunks(events: list[dict], per_chunk: int = 100) -> dict[int, bytes]:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import duckdb
-import orjson
 import pytest
 import yaml
 
@@ -22,6 +21,7 @@ from deploy.cli import main
 from deploy.verify import parse_since, verify
 from ingest.contract import parse_contract
 from sinks.bq_client import make_client
+from tests.conftest import plant_metric_drift, plant_unseen_event
 from tests.conftest_cloud import cloud_services, unique_id  # noqa: F401  (fixture)
 from tests.sinks.test_warehouse_reader import events, raw_contract, write_warehouse
 
@@ -95,17 +95,11 @@ def test_planted_drift_is_found_and_named(built, tmp_path, capsys):
     db, cfg = _copy(built, tmp_path)
     con = duckdb.connect(str(db))
     # 1. a changed metric in u3's latest lifetime row of evo/activity
-    row = con.execute("SELECT metrics, version FROM aggregates WHERE partner='evo' AND aggregate='activity' "
-                      "AND key='u3' AND \"window\"='lifetime' ORDER BY version DESC LIMIT 1").fetchone()
-    m = orjson.loads(row[0])
-    m["n"] += 2
-    con.execute("UPDATE aggregates SET metrics = ? WHERE partner='evo' AND aggregate='activity' AND key='u3' "
-                "AND \"window\"='lifetime' AND version = ?", [orjson.dumps(m).decode(), row[1]])
+    m = plant_metric_drift(con, "evo", "activity", "u3", "n", 2)
     # 2. every aggregate row of u5 deleted
     con.execute("DELETE FROM aggregates WHERE partner='evo' AND aggregate='activity' AND key='u5'")
     # 3. an event row the aggregates never saw (u7), copied from one of u7's rows with a new id
-    con.execute("INSERT INTO evo_events SELECT * REPLACE ('planted' AS _row_id, 'planted' AS _event_id) "
-                "FROM evo_events WHERE _user_id = 'u7' ORDER BY _event_time LIMIT 1")  # event e72, shop 0
+    plant_unseen_event(con, "evo_events", "u7")  # event e72, shop 0
     # 4. an aggregate row for a key that has no events
     con.execute("INSERT INTO aggregates SELECT * REPLACE ('ghost' AS key) FROM aggregates "
                 "WHERE partner='evo' AND aggregate='activity' AND key='u8'")
@@ -132,14 +126,11 @@ def test_a_changed_hll_estimate_is_drift(built, tmp_path, capsys):
     """HyperLogLog values are recomputed with the same registers: off by one is drift, not noise."""
     db, cfg = _copy(built, tmp_path)
     con = duckdb.connect(str(db))
-    key, metrics, version = con.execute(
-        "SELECT key, metrics, version FROM aggregates WHERE partner='evo' AND aggregate='activity' "
+    key = con.execute(
+        "SELECT key FROM aggregates WHERE partner='evo' AND aggregate='activity' "
         "AND \"window\"='lifetime' AND CAST(json_extract(metrics, '$.days') AS INT) > 5 "
-        "ORDER BY version DESC LIMIT 1").fetchone()
-    m = orjson.loads(metrics)
-    m["days"] += 1
-    con.execute("UPDATE aggregates SET metrics = ? WHERE partner='evo' AND aggregate='activity' AND key = ? "
-                "AND \"window\"='lifetime' AND version = ?", [orjson.dumps(m).decode(), key, version])
+        "ORDER BY version DESC LIMIT 1").fetchone()[0]
+    m = plant_metric_drift(con, "evo", "activity", key, "days", 1)
     con.close()
     code, out, _ = _verify(capsys, "--config", cfg, "--partner", "evo")
     assert code == 1 and f"key {key!r} window lifetime metric days: expected {m['days'] - 1}, found {m['days']}" in out

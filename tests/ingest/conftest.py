@@ -42,6 +42,27 @@ def read_jsonl(path: Path) -> list[dict]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
+def pubsub_backlog(subscription: str, max_messages: int = 100, timeout: float = 3.0) -> int:
+    """Messages still deliverable on ``subscription``, i.e. not acked: pulls them and nacks them at once
+    (at most ``max_messages``; a pull that times out found none)."""
+    from google.api_core import exceptions
+    from google.cloud import pubsub_v1
+
+    client = pubsub_v1.SubscriberClient()
+    try:
+        try:
+            resp = client.pull(request={"subscription": subscription, "max_messages": max_messages}, timeout=timeout)
+        except exceptions.DeadlineExceeded:
+            return 0
+        ids = [r.ack_id for r in resp.received_messages]
+        if ids:
+            client.modify_ack_deadline(request={"subscription": subscription, "ack_ids": ids,
+                                                "ack_deadline_seconds": 0})
+        return len(ids)
+    finally:
+        client.close()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -40,7 +40,7 @@ import yaml
 from deploy.publish import _put, ensure_pubsub, make_event, send_payloads
 from ingest.contract import Contract, parse_contract
 from tests.conftest import wait_no_runner
-from tests.ingest.conftest import unique_name, wait_for
+from tests.ingest.conftest import pubsub_backlog, unique_name, wait_for
 from tests.ingest.test_streaming_e2e import JOB, ROOT, _query
 
 pytestmark = pytest.mark.integration
@@ -197,27 +197,12 @@ def _kafka_lag(contract: Contract) -> int:
         c.close()
 
 
-def _pubsub_backlog(contract: Contract) -> int:
-    """Messages still deliverable on the subscription, i.e. not acked (pulled and nacked at once)."""
-    from google.cloud import pubsub_v1
-
-    sub = contract.partner("acme_live").sources[0].subscription
-    client = pubsub_v1.SubscriberClient()
-    try:
-        resp = client.pull(request={"subscription": sub, "max_messages": 1000}, timeout=10)
-        ids = [r.ack_id for r in resp.received_messages]
-        if ids:
-            client.modify_ack_deadline(request={"subscription": sub, "ack_ids": ids, "ack_deadline_seconds": 0})
-        return len(ids)
-    finally:
-        client.close()
-
-
 def _committed_everything(contract: Contract, job: "Job") -> None:
     """After the rows landed the job commits every offset and acks every message (ledger, not a timer)."""
     assert wait_for(lambda: _kafka_lag(contract) == 0, timeout=60), \
         f"kafka lag {_kafka_lag(contract)}\nlog tail:\n{job.text()[-6000:]}"
-    assert _pubsub_backlog(contract) == 0, job.text()[-6000:]
+    sub = contract.partner("acme_live").sources[0].subscription
+    assert pubsub_backlog(sub, max_messages=1000, timeout=10) == 0, job.text()[-6000:]
 
 
 def _verify_exit_code(path: Path) -> tuple[int, str]:

@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from ingest.contract import PubSubSource
 from ingest.pubsub_source import ReadFromPartnerPubSub, attribute_timestamp_us, pubsub_raw_message
 from ingest.runner import PrismNotFound, runner_options, uses_native_pubsub
-from tests.ingest.conftest import AppendJsonl, read_jsonl, run_streaming, unique_name
+from tests.ingest.conftest import AppendJsonl, pubsub_backlog, read_jsonl, run_streaming, unique_name
 
 # -- pure ----------------------------------------------------------------------------------------
 
@@ -97,25 +97,6 @@ def _publish(topic: str, n: int, start: int = 0) -> list[str]:
     return [f.result(timeout=30) for f in futures]
 
 
-def _backlog(sub: str) -> int:
-    """Messages still deliverable on the subscription (pulls and nacks them right away)."""
-    from google.api_core import exceptions
-    from google.cloud import pubsub_v1
-
-    client = pubsub_v1.SubscriberClient()
-    try:
-        try:
-            resp = client.pull(request={"subscription": sub, "max_messages": 100}, timeout=3)
-        except exceptions.DeadlineExceeded:
-            return 0
-        ids = [r.ack_id for r in resp.received_messages]
-        if ids:
-            client.modify_ack_deadline(request={"subscription": sub, "ack_ids": ids, "ack_deadline_seconds": 0})
-        return len(ids)
-    finally:
-        client.close()
-
-
 @pytest.mark.integration
 def test_pull_read_on_prism_keeps_attributes_ids_times_and_acks(live_services, tmp_path):
     topic, sub = _topic_and_subscription()
@@ -136,7 +117,7 @@ def test_pull_read_on_prism_keeps_attributes_ids_times_and_acks(live_services, t
         assert r["attributes"] == {"event_ts": f"2026-01-01T00:00:{i % 60:02d}Z", "event_id": f"e-{i}"}
         assert r["ts_us"] == attribute_timestamp_us(r["attributes"]["event_ts"])  # timestamp_attribute
         assert r["source_time_us"] > r["ts_us"]  # publish time recorded separately (it is "now")
-    assert _backlog(sub) == 0  # every message was acked after its bundle was finalized
+    assert pubsub_backlog(sub) == 0  # every message was acked after its bundle was finalized
 
 
 @pytest.mark.integration

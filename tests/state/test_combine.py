@@ -7,24 +7,15 @@ from hypothesis import given, settings, strategies as st
 
 from state import aggregate as A
 from state import combine as C
-from state.spec import AggregateSpec, MetricSpec
+from state.spec import AggregateSpec
+from tests.state.test_aggregate import SPEC as ACTIVITY
 
 S = 1_000_000
 MIN = 60 * S
 H = 3600 * S
 D = 24 * H
 
-METRICS = [
-    MetricSpec(name="events", fn="count"),
-    MetricSpec(name="amount", fn="sum", column="amount"),
-    MetricSpec(name="lo", fn="min", column="amount"),
-    MetricSpec(name="hi", fn="max", column="amount"),
-    MetricSpec(name="mean", fn="avg", column="amount"),
-    MetricSpec(name="skus", fn="distinct", column="sku"),
-    MetricSpec(name="first", fn="first_seen"),
-    MetricSpec(name="last", fn="last_seen"),
-    MetricSpec(name="plan", fn="latest", column="plan"),
-]
+METRICS = list(ACTIVITY.metrics)  # every metric function once (tests/state/test_aggregate.py)
 SPECS = [
     AggregateSpec(name="a", metrics=METRICS, windows=("lifetime", "1h"), ttl="2h", allowed_lateness="10m",
                   distinct_exact_threshold=6),
