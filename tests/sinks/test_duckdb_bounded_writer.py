@@ -132,3 +132,88 @@ def test_bounded_settings_are_restored():
             raise RuntimeError("the job failed")
     assert gc.get_threshold() == before_gc
     assert sys.getswitchinterval() == before_si
+
+
+def _stored(path) -> dict:
+    import duckdb
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return {t: con.execute(f'SELECT count(*), count(DISTINCT _row_id) FROM "{t}"').fetchone()
+                for t in ("t", "t__accounts")}
+    finally:
+        con.close()
+
+
+def test_plain_insert_first_then_insert_or_ignore_after_a_stored_row_id(tmp_path, monkeypatch):
+    """Rows are first inserted with a plain INSERT (cheaper); a statement that meets a stored row id is rolled
+    back by DuckDB and run again as INSERT OR IGNORE: the stored rows are exactly the distinct ones, and the
+    table's next statements go straight to INSERT OR IGNORE for the back-off."""
+    monkeypatch.setattr(duckdb_store, "_IGNORE_FIRST", {})
+    seen: list[str] = []
+    real = duckdb_store._insert_or_ignore
+
+    def spy(con, table, tail):
+        before = dict(duckdb_store._IGNORE_FIRST)
+        real(con, table, tail)
+        seen.append(f"{table}:{'backoff' if before.get(table, [0])[0] > 0 else 'plain-first'}")
+
+    monkeypatch.setattr(duckdb_store, "_insert_or_ignore", spy)
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path)
+    assert wh.write_rows(_rows(40)) == []
+    assert duckdb_store._IGNORE_FIRST == {}  # no stored id met: no back-off
+    assert _stored(path) == {"t": (40, 40), "t__accounts": (80, 80)}
+    # 20 stored + 20 new events: the plain INSERT fails as a whole, nothing of it is kept, OR IGNORE writes the new
+    assert wh.write_rows(_rows(40, start=20)) == []
+    assert _stored(path) == {"t": (60, 60), "t__accounts": (120, 120)}
+    assert duckdb_store._IGNORE_FIRST["t"] == [duckdb_store._BACKOFF_START] * 2
+    # while backing off, the statements are INSERT OR IGNORE from the start (a re-run meets stored ids each time)
+    seen.clear()
+    assert wh.write_rows(_rows(60)) == []
+    assert seen == ["t:backoff", "t__accounts:backoff"]
+    assert _stored(path) == {"t": (60, 60), "t__accounts": (120, 120)}
+
+
+def test_backoff_doubles_on_repeated_conflicts_and_resets_after_a_clean_insert(tmp_path, monkeypatch):
+    monkeypatch.setattr(duckdb_store, "_IGNORE_FIRST", {})
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path)
+    assert wh.write_rows(_rows(10)) == []
+    assert wh.write_rows(_rows(10)) == []  # a re-run: the plain INSERT meets stored ids
+    start = duckdb_store._BACKOFF_START
+    assert duckdb_store._IGNORE_FIRST["t"] == [start, start]
+    for _ in range(start):  # the back-off: straight to INSERT OR IGNORE
+        assert wh.write_rows(_rows(10)) == []
+    assert duckdb_store._IGNORE_FIRST["t"] == [0, start]
+    assert wh.write_rows(_rows(10)) == []  # plain first again, conflicts again: twice as long
+    assert duckdb_store._IGNORE_FIRST["t"] == [2 * start, 2 * start]
+    duckdb_store._IGNORE_FIRST["t"][0] = 0
+    duckdb_store._IGNORE_FIRST["t__accounts"][0] = 0
+    assert wh.write_rows(_rows(10, start=10)) == []  # new ids only: the plain INSERT succeeds, back-off over
+    assert "t" not in duckdb_store._IGNORE_FIRST and "t__accounts" not in duckdb_store._IGNORE_FIRST
+    assert _stored(path) == {"t": (20, 20), "t__accounts": (40, 40)}
+
+
+def test_a_bad_value_beside_a_stored_row_id_is_dead_lettered_once_and_nothing_doubles(tmp_path, monkeypatch):
+    """A value the column cannot hold is not a key conflict: with plain INSERT first, a statement holding both a
+    stored row id and a bad value ends as before: the bad row dead-lettered, the stored row not doubled, the
+    new row written."""
+    monkeypatch.setattr(duckdb_store, "_IGNORE_FIRST", {})
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path)
+    types = orjson.dumps({"_event_time": "TIMESTAMP", "d": "DATE"})
+
+    def row(rid, d):
+        return TableRow("acme", "t", rid, "e" + rid, 1, orjson.dumps({"_event_time": "2026-11-01T00:00:00Z", "d": d}),
+                        types)
+
+    assert wh.write_rows([row("a", "2026-11-01")]) == []
+    dead = wh.write_rows([row("a", "2026-11-01"), row("b", "2026-02-30"), row("c", "2026-11-02")])
+    assert [(d.reason, d.coords) for d in dead] == [("sink_rejected", "table:t/b")]
+    import duckdb
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        assert con.execute("SELECT _row_id, d::VARCHAR FROM t ORDER BY 1").fetchall() == [
+            ("a", "2026-11-01"), ("c", "2026-11-02")]
+    finally:
+        con.close()
