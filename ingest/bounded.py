@@ -5,7 +5,8 @@
            rows: list[TableRow] per batch  -> the warehouse (written in the same fused stage)
            dedup: (shard, (partner, [Entry]))  -> DedupEvents (GroupByKey on the event-id shard)
                -> FoldShards (drop repeated (partner, event id), count them, fold each kept event into
-                  per-key partial aggregates; type conflicts -> dead letters)
+                  per-key partial aggregates, one per key per bundle, emitted when the bundle ends; type
+                  conflicts -> dead letters)
                -> ComputeAggregates/AggregatePerKey (state.bounded.FinalAggregates: lifted merge,
                   one final row per (key, window))
            dead_letter: DeadLetter
@@ -39,6 +40,8 @@ import orjson
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 
 from flatten.records import DeadLetter, RawMessage, Reason
 from ingest import progress
@@ -234,6 +237,19 @@ class _FoldShardFn(beam.DoFn):
         self._plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a)) for a in aggs)
                        for p, aggs in self._specs.items()}
 
+    def start_bundle(self) -> None:
+        # One partial per (partner, aggregate, key) for the whole bundle, not per shard group: a key's events
+        # are spread over every shard (shards are by event id), and the combine's lifted pre-merge keeps at
+        # most 100,000 keys, so per-shard partials crossed the shuffle up to once per shard (15 per key at
+        # 200,000 users; bench/README.md, "10M events"). Folding is order-independent (state/combine.py).
+        self._partials: dict = {}
+
+    def finish_bundle(self) -> Iterator:
+        partials, self._partials = self._partials, {}
+        ts = GlobalWindow().max_timestamp()  # what the shard groups carried (GroupByKey's output, global window)
+        for pk, part in partials.items():
+            yield WindowedValue((pk, part), ts, (GlobalWindow(),))
+
     def process(self, element) -> Iterator:
         _, groups = element
         kept: dict = {}
@@ -252,7 +268,7 @@ class _FoldShardFn(beam.DoFn):
         if dups:
             self._dups.inc(dups)
             progress.count_duplicate(dups)
-        partials: dict = {}
+        partials = self._partials
         rows: list = []
         for (partner, event_id), (_, t_us, aggs, erows) in kept.items():
             if erows:
@@ -280,8 +296,6 @@ class _FoldShardFn(beam.DoFn):
                         processing_time_us=int(self._clock() * 1_000_000)))
         if rows:
             yield TaggedOutput(ROWS_TAG, RowBatch(rows))
-        for pk, part in partials.items():
-            yield pk, part
 
 
 def _order(entry: tuple) -> bytes:

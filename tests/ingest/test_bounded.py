@@ -1,0 +1,83 @@
+"""ingest.bounded's FoldShards step (pure DoFn calls, no runner): duplicates dropped across shard groups, and one
+partial per (partner, aggregate, key) per bundle whatever the number of shard groups the key's events are in."""
+from __future__ import annotations
+
+import pickle
+import random
+import zlib
+
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from ingest.batch import metric_columns
+from ingest.bounded import _FoldShardFn
+from state import aggregate as A
+from state import combine as C
+from tests.state.test_combine import SPECS
+
+SPEC = SPECS[1]  # lifetime, 1d, 7d, 30d over every metric function
+COLS = metric_columns(SPEC)
+T0 = 1_764_547_200_000_000
+H = 3_600_000_000
+
+
+def _events(n: int, users: int, seed: int = 3) -> list:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        values = {c: (rng.randint(1, 500) if "amount" in c or c in ("n", "v", "x") else f"{c}-{rng.randint(0, 5)}")
+                  for c in COLS}
+        out.append((f"ev-{i}", T0 + rng.randint(0, 40 * 24) * H, f"u{rng.randrange(users)}", values))
+    return out
+
+
+def _blob(entries: list) -> bytes:
+    group = [(eid, t, ((0, key, tuple(values[c] for c in COLS)),), None) for eid, t, key, values in entries]
+    return zlib.compress(pickle.dumps(("acme", group), protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def _fold(shard_groups: list) -> tuple[list, list]:
+    fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+    fn.setup()
+    fn.start_bundle()
+    in_process = []
+    for shard, blobs in shard_groups:
+        in_process += list(fn.process((shard, blobs)))
+    return in_process, list(fn.finish_bundle())
+
+
+def test_one_partial_per_key_per_bundle_equal_to_the_fold_of_all_its_events():
+    events = _events(400, users=7)
+    dups = [events[5], events[77], events[300]]
+    shards: dict[int, list] = {}
+    for e in events + dups:
+        shards.setdefault(zlib.crc32(e[0].encode()) % 16, []).append(e)
+    groups = [(s, [_blob(es[:len(es) // 2]), _blob(es[len(es) // 2:])]) for s, es in sorted(shards.items())]
+    assert len(groups) > 8  # every key's events are spread over many shard groups
+    in_process, finished = _fold(groups)
+    assert in_process == []  # no rows (keep_rows=False), no conflicts: partials come only at the bundle's end
+    assert all(isinstance(wv, WindowedValue) and wv.windows == (GlobalWindow(),) for wv in finished)
+    got = {wv.value[0]: wv.value[1] for wv in finished}
+    assert sorted(got) == sorted({("acme", SPEC.name, e[2]) for e in events})  # one per key, not one per shard
+    plan = A.plan_for(SPEC)
+    for (_, _, key), part in got.items():
+        mine = [(t, eid, v) for eid, t, k, v in events if k == key]  # each event once: the duplicates dropped
+        want, _ = C.partial_of(mine, plan)
+        assert C.final_rows(part, plan) == C.final_rows(want, plan), key
+
+
+def test_a_new_bundle_starts_empty():
+    events = _events(50, users=3)
+    fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+    fn.setup()
+    fn.start_bundle()
+    list(fn.process((0, [_blob(events)])))
+    first = list(fn.finish_bundle())
+    fn.start_bundle()
+    list(fn.process((1, [_blob(events[:10])])))
+    second = {wv.value[0]: wv.value[1] for wv in fn.finish_bundle()}
+    plan = A.plan_for(SPEC)
+    for (_, _, key), part in second.items():
+        want, _ = C.partial_of([(t, eid, v) for eid, t, k, v in events[:10] if k == key], plan)
+        assert C.final_rows(part, plan) == C.final_rows(want, plan)
+    assert len(first) == 3
