@@ -241,7 +241,7 @@ class _FoldShardFn(beam.DoFn):
         # One partial per (partner, aggregate, key) for the whole bundle, not per shard group: a key's events
         # are spread over every shard (shards are by event id), and the combine's lifted pre-merge keeps at
         # most 100,000 keys, so per-shard partials crossed the shuffle up to once per shard (15 per key at
-        # 200,000 users; bench/README.md, "10M events"). Folding is order-independent (state/combine.py).
+        # 200,000 users; bench/README.md, "Third pass"). Folding is order-independent (state/combine.py).
         self._partials: dict = {}
 
     def finish_bundle(self) -> Iterator:
