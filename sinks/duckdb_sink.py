@@ -30,6 +30,14 @@ FLUSH_ROWS = 50_000
 #: with the table, when every 50,000-row flush paid it (bench/README.md). Capped so that another process
 #: writing the same file (e.g. a second local worker) still gets in well within its connect timeout.
 HOLD_S = 10.0
+#: ... and longer when closing takes long: a checkpoint rewrites what the table and its PRIMARY KEY index hold,
+#: ~1.2 CPU-s per million rows already in the file at every close (`bench/duckdb_index_probe.py
+#: --reconnect-every`: 0.9 s at 1M rows, 4.7 s at 4M), so with a fixed hold a 20M-row table spent most of the
+#: writer's time checkpointing (bench/README.md, "Third pass"). The hold is at least HOLD_CLOSE_RATIO times the
+#: last close's wall time (checkpoints stay under ~1/HOLD_CLOSE_RATIO of the writer's time), up to HOLD_MAX_S,
+#: below the 120 s another writer waits for the file's lock.
+HOLD_CLOSE_RATIO = 10.0
+HOLD_MAX_S = 100.0
 #: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
 #: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
 HELD_FLUSH_ROWS = 10_000
@@ -46,10 +54,15 @@ class _HeldWarehouse(DuckDBWarehouse):
         self._hold_s = hold_s
         self._con = None
         self._opened = 0.0
+        self._last_close_s = 0.0  # wall time of the last close (its checkpoint)
+
+    def hold_for(self) -> float:
+        """How long the connection is kept from its opening: ``hold_s``, longer when closing is slow."""
+        return max(self._hold_s, min(HOLD_CLOSE_RATIO * self._last_close_s, HOLD_MAX_S))
 
     def _with_conn(self, fn):
         with self._lock:
-            if self._con is not None and time.monotonic() - self._opened >= self._hold_s:
+            if self._con is not None and time.monotonic() - self._opened >= self.hold_for():
                 self._close()
             if self._con is None:
                 self._con, self._opened = self._open_writer(), time.monotonic()
@@ -62,7 +75,9 @@ class _HeldWarehouse(DuckDBWarehouse):
     def _close(self) -> None:
         con, self._con = self._con, None
         if con is not None:
+            t0 = time.monotonic()
             con.close()  # DuckDB checkpoints on close
+            self._last_close_s = time.monotonic() - t0
 
     def release(self) -> None:
         with self._lock:

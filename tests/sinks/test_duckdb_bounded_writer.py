@@ -217,3 +217,27 @@ def test_a_bad_value_beside_a_stored_row_id_is_dead_lettered_once_and_nothing_do
             ("a", "2026-11-01"), ("c", "2026-11-02")]
     finally:
         con.close()
+
+
+def test_held_writer_holds_longer_when_closing_is_slow(tmp_path):
+    """The hold grows to HOLD_CLOSE_RATIO x the last close's time (a checkpoint's cost grows with the table),
+    capped at HOLD_MAX_S; the measured close time is real (the file's checkpoint)."""
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=0.0)
+    wh.write_rows(_rows(5))
+    first = wh._con
+    wh.write_rows(_rows(5, start=5))
+    assert wh._con is not first  # hold_s 0 and a fast close: reopened
+    assert 0.0 < wh._last_close_s < 5.0  # measured on the real close
+    wh._last_close_s = 2.0  # as if the file's checkpoint took 2 s
+    assert wh.hold_for() == 2.0 * duckdb_sink.HOLD_CLOSE_RATIO
+    second = wh._con
+    wh.write_rows(_rows(5, start=10))
+    assert wh._con is second  # within 10 x 2 s of its opening: kept
+    wh._last_close_s = 1e6
+    assert wh.hold_for() == duckdb_sink.HOLD_MAX_S  # never longer than another writer's lock wait allows
+    wh._last_close_s = 0.0
+    wh.write_rows(_rows(5, start=15))
+    assert wh._con is not second
+    wh.release()
+    assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
