@@ -10,8 +10,9 @@ the warehouse sink does (``sinks/duckdb_store.py``: ``_row_id`` VARCHAR PRIMARY 
 and prints every million rows: CPU seconds so far, the process RSS and DuckDB's own memory by tag
 (``duckdb_memory()``: ART_INDEX, BASE_TABLE...). The baseline is ``--key none`` (same rows, no key).
 ``--reconnect-every N`` closes and reopens the connection every N statements (what a writer that releases
-the file does) and prints the latest close's (checkpoint's) time; ``--memory-limit`` sets DuckDB's limit (the index is not evicted under it: the insert fails
-with an out-of-memory error once the index alone exceeds it). Figures: bench/README.md, "Third pass".
+the file does) and prints the latest close's (checkpoint's) time; ``--memory-limit`` sets DuckDB's limit
+(the index is not evicted under it: the insert fails with an out-of-memory error once the index alone
+exceeds it). Figures: bench/README.md, "Third pass".
 """
 from __future__ import annotations
 

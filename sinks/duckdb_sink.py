@@ -45,7 +45,7 @@ HELD_FLUSH_ROWS = 10_000
 
 class _HeldWarehouse(DuckDBWarehouse):
     """A ``DuckDBWarehouse`` whose write connection stays open from one write to the next within a bundle
-    (``release`` closes it: the sink calls it in ``finish_bundle``) and for at most ``HOLD_S``. Every
+    (``release`` closes it: the sink calls it in ``finish_bundle``) and for at most ``hold_for()``. Every
     statement still commits on its own; the file's in-process lock is held per write, as before, so the
     other writers of this process (which share the open database) go on writing in between."""
 

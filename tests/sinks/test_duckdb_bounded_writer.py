@@ -134,16 +134,6 @@ def test_bounded_settings_are_restored():
     assert sys.getswitchinterval() == before_si
 
 
-def _stored(path) -> dict:
-    import duckdb
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        return {t: con.execute(f'SELECT count(*), count(DISTINCT _row_id) FROM "{t}"').fetchone()
-                for t in ("t", "t__accounts")}
-    finally:
-        con.close()
-
-
 def test_plain_insert_first_then_insert_or_ignore_after_a_stored_row_id(tmp_path, monkeypatch):
     """Rows are first inserted with a plain INSERT (cheaper); a statement that meets a stored row id is rolled
     back by DuckDB and run again as INSERT OR IGNORE: the stored rows are exactly the distinct ones, and the
@@ -162,16 +152,16 @@ def test_plain_insert_first_then_insert_or_ignore_after_a_stored_row_id(tmp_path
     wh = _warehouse(path)
     assert wh.write_rows(_rows(40)) == []
     assert duckdb_store._IGNORE_FIRST == {}  # no stored id met: no back-off
-    assert _stored(path) == {"t": (40, 40), "t__accounts": (80, 80)}
+    assert _counts_in_other_process(path) == {"t": (40, 40), "t__accounts": (80, 80)}
     # 20 stored + 20 new events: the plain INSERT fails as a whole, nothing of it is kept, OR IGNORE writes the new
     assert wh.write_rows(_rows(40, start=20)) == []
-    assert _stored(path) == {"t": (60, 60), "t__accounts": (120, 120)}
+    assert _counts_in_other_process(path) == {"t": (60, 60), "t__accounts": (120, 120)}
     assert duckdb_store._IGNORE_FIRST["t"] == [duckdb_store._BACKOFF_START] * 2
     # while backing off, the statements are INSERT OR IGNORE from the start (a re-run meets stored ids each time)
     seen.clear()
     assert wh.write_rows(_rows(60)) == []
     assert seen == ["t:backoff", "t__accounts:backoff"]
-    assert _stored(path) == {"t": (60, 60), "t__accounts": (120, 120)}
+    assert _counts_in_other_process(path) == {"t": (60, 60), "t__accounts": (120, 120)}
 
 
 def test_backoff_doubles_on_repeated_conflicts_and_resets_after_a_clean_insert(tmp_path, monkeypatch):
@@ -191,7 +181,7 @@ def test_backoff_doubles_on_repeated_conflicts_and_resets_after_a_clean_insert(t
     duckdb_store._IGNORE_FIRST["t__accounts"][0] = 0
     assert wh.write_rows(_rows(10, start=10)) == []  # new ids only: the plain INSERT succeeds, back-off over
     assert "t" not in duckdb_store._IGNORE_FIRST and "t__accounts" not in duckdb_store._IGNORE_FIRST
-    assert _stored(path) == {"t": (20, 20), "t__accounts": (40, 40)}
+    assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
 
 
 def test_a_bad_value_beside_a_stored_row_id_is_dead_lettered_once_and_nothing_doubles(tmp_path, monkeypatch):
