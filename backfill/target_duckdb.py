@@ -1,12 +1,12 @@
 """A backfill's DuckDB side: staging file, ledger, and the atomic apply. No Beam.
 
 Staging is a second DuckDB file next to the warehouse (``<name>.backfill-<id>.duckdb``),
-written by the ordinary DuckDB sink (``INSERT OR IGNORE`` on ``_row_id``: a wave run twice
-stages its rows once). The apply ATTACHes it read-only and, in **one transaction** on the
+written by the ordinary DuckDB sink (idempotent per event: a wave run twice stages its rows
+once). The apply ATTACHes it read-only and, in **one transaction** on the
 warehouse file, evolves schemas, changes the partner's tables per mode, copies dead letters
 and appends the ledger's ``apply`` row: a crash leaves either all of it or none of it.
 
-* fill: ``INSERT OR IGNORE`` staged rows (rows already there are untouched);
+* fill: insert the staged rows whose ``_row_id`` the table lacks (rows already there are untouched);
 * replace: delete live rows with ``_event_time`` in [from, to), insert the staged rows
   (main and child tables; tables the backfill produced nothing for lose their rows in range);
 * columns: ``UPDATE ... SET <named columns> FROM staging WHERE _row_id = ...``; staged rows
@@ -25,7 +25,7 @@ import duckdb
 from backfill.ledger import DuckDBLedger, LedgerRow
 from backfill.spec import BackfillSpec
 from flatten.schema import TableSchema
-from sinks.duckdb_store import DuckDBWarehouse, duck_type
+from sinks.duckdb_store import DuckDBWarehouse, create_table_sql, duck_type
 from sinks.spec import WarehouseSpec
 
 __all__ = ["DuckDBTarget"]
@@ -100,7 +100,7 @@ class DuckDBTarget:
                 return
             for t in self._tables(con, "hw_backfill_live", partner):
                 schema = self._schema(con, "hw_backfill_live", t)
-                con.execute(f"CREATE TABLE IF NOT EXISTS {_q(t)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
+                con.execute(create_table_sql(t, keyed=t == table_spec.name))
                 con.execute("INSERT OR IGNORE INTO _headwater_tables SELECT * FROM hw_backfill_live._headwater_tables "
                             "WHERE table_name = ?", [t])
                 if schema is not None:
@@ -151,7 +151,8 @@ class DuckDBTarget:
                 tables = sorted(set(staged) | (set(live) if spec.mode == "replace" else set()))
                 result: dict = {"tables": {}}
                 for t in tables:
-                    result["tables"][t] = self._apply_table(con, spec, t, t in staged, t in live)
+                    result["tables"][t] = self._apply_table(con, spec, t, t in staged, t in live,
+                                                            keyed=t == table_spec.name)
                 result["dead_letters_added"] = self._dead_letters(con) if has_staging else 0
                 result["rejected_main_rows"] = self._rejected(con, table_spec.name) if has_staging else 0
                 DuckDBLedger.insert(con, [LedgerRow(self.bid or "", "apply", status="applied",
@@ -199,13 +200,14 @@ class DuckDBTarget:
                     [table, new.version, new.to_json(), datetime.now(timezone.utc).replace(tzinfo=None)])
         return new
 
-    def _create_like_staging(self, con, table: str) -> TableSchema:
-        con.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
+    def _create_like_staging(self, con, table: str, keyed: bool) -> TableSchema:
+        con.execute(create_table_sql(table, keyed))
         con.execute("INSERT OR IGNORE INTO _headwater_tables SELECT * FROM hw_backfill_staging._headwater_tables WHERE table_name = ?",
                     [table])
         return TableSchema((), 0)
 
-    def _apply_table(self, con, spec: BackfillSpec, table: str, in_staging: bool, in_live: bool) -> dict:
+    def _apply_table(self, con, spec: BackfillSpec, table: str, in_staging: bool, in_live: bool,
+                     keyed: bool) -> dict:
         t, s = _q(table), f"hw_backfill_staging.{_q(table)}"
         staged = self._schema(con, "hw_backfill_staging", table) if in_staging else None
         live = self._schema(con, None, table) if in_live else None
@@ -227,7 +229,7 @@ class DuckDBTarget:
                 out["columns_set"] = setc
             return out
         if live is None:
-            live = self._create_like_staging(con, table)
+            live = self._create_like_staging(con, table, keyed)
         if spec.mode == "replace":
             matched = con.execute(f"SELECT count(*) FROM {t} WHERE _row_id IN (SELECT _row_id FROM {s})"
                                   ).fetchone()[0] if in_staging else 0
@@ -239,8 +241,12 @@ class DuckDBTarget:
             live = self._evolve(con, table, live, list(staged.columns))
             names = list(_BASE) + [c.name for c in staged.columns if c.name not in _BASE]
             cols = ", ".join(_q(n) for n in names)
-            verb = "INSERT OR IGNORE" if spec.mode == "fill" else "INSERT"
-            n = con.execute(f"{verb} INTO {t} ({cols}) SELECT {cols} FROM {s} ORDER BY _partition").fetchone()[0]
+            # fill: only staged rows whose _row_id the table lacks (an anti-join: child tables have no key,
+            # sinks/duckdb_store.py); replace deleted the staged ids above, so a plain INSERT
+            absent = (f" WHERE NOT EXISTS (SELECT 1 FROM {t} AS l WHERE l._row_id = st._row_id)"
+                      if spec.mode == "fill" else "")
+            n = con.execute(f"INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} AS st{absent} "
+                            "ORDER BY _partition").fetchone()[0]
             out["inserted"] = n - out["updated"]
         return out
 

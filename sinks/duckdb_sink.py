@@ -106,13 +106,21 @@ class _BufferedWriteFn(beam.DoFn):
         self._pending: Optional[Future] = None
         self._closing: Optional[Future] = None
         self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
+        self._mains = {partner: spec.name for partner, spec in self._args[1].items()}  # partner -> main table
 
     def start_bundle(self) -> None:
         self._buf: list = []
 
     def process(self, element):
-        if isinstance(element, list):  # a batch of TableRows (the bounded job's rows)
+        if isinstance(element, list):  # a batch of TableRows (the bounded job's rows): whole events
             self._buf.extend(element)
+        elif self._kind == "rows":
+            # An event's rows arrive one after the other, its main row first (flatten.core), and are written
+            # in one write (duckdb_store: the event is the unit of idempotency): flush before a main row only.
+            if len(self._buf) >= self._flush_rows and element.table == self._mains.get(element.partner):
+                self._flush()
+            self._buf.append(element)
+            return
         else:
             self._buf.append(element)
         if len(self._buf) >= self._flush_rows:

@@ -1,9 +1,24 @@
 """The embedded warehouse: one DuckDB file. Pure (no Beam): used by the sink DoFns and the CLI.
 
 Tables
-- one per partner table and per child table (``<table>__<array path>``), with
-  ``_row_id`` as PRIMARY KEY: writes are ``INSERT OR IGNORE``, so re-running the
-  same input never duplicates rows;
+- one per partner table and per child table (``<table>__<array path>``). Writes are idempotent per
+  **event**: the main table has ``_row_id`` (the event's key) as PRIMARY KEY; a child table holds
+  ``_row_id`` as a plain column, and its rows are inserted in the same transaction as their event's main
+  row, only when that main row was not stored yet. So re-running the same input never duplicates rows,
+  and DuckDB keeps one key per event in memory, not one per row: its key index (ART) is not evicted to
+  disk, ~71 bytes per key (``bench/duckdb_index_probe.py``), which at 2.5 rows per event was most of a
+  10M-event run's memory (bench/README.md, "Third pass"). What that needs, and how it is kept:
+
+  * an event's rows are written in one write (the sinks get them together: the bounded job's batches
+    hold whole events; the streaming sink flushes only before a main row, and its input is fused with
+    the step that makes an event's rows one after the other). A write's statements run in one
+    transaction, so a kill leaves an event's rows all stored or none;
+  * a write first tries plain INSERTs (cheapest); a stored main row id fails it, and it runs again
+    careful: main rows ``INSERT OR IGNORE ... RETURNING`` the stored ids, child rows only for those;
+  * child rows whose main row is not in the write (the warehouse refused the main row; ``freeze``
+    refused it) go in only where their ``_row_id`` is absent (an anti-join: rare, costs a scan);
+  * warehouses written before this keep their child tables' PRIMARY KEY; writes into them use
+    ``INSERT OR IGNORE`` where a key could meet a stored one.
 - ``_partition`` (TIMESTAMP): the partition column truncated to the table's
   granularity. DuckDB has no declarative partitions; rows are inserted in
   ``_partition`` order so DuckDB's per-row-group min/max zone maps skip
@@ -44,7 +59,7 @@ from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
 from flatten.schema import ColumnSchema, TableSchema, reconcile
 from sinks.spec import TableSpec, WarehouseSpec
 
-__all__ = ["DuckDBWarehouse", "duck_type", "open_readonly", "release_held"]
+__all__ = ["DuckDBWarehouse", "create_table_sql", "duck_type", "open_readonly", "release_held"]
 
 #: DuckDB worker threads of a write connection. Writes run beside the pipeline (the sink's writer thread),
 #: and with DuckDB's default (one per core) the same inserts took 30-40 % more CPU on the 2-core machine
@@ -170,6 +185,7 @@ class DuckDBWarehouse:
         self._timeout = lock_timeout_s
         # keep_open: share this process's held write connection (module docstring); the streaming sink
         self._held: Optional[_Held] = _held_for(self.path) if keep_open else None
+        self._keys: tuple = (None, {})  # (connection, {table: has a PRIMARY KEY}) (_has_key)
 
     # -- connection -------------------------------------------------------------------------------
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -271,8 +287,8 @@ class DuckDBWarehouse:
 
     def _create_table(self, con, table: str, partner: str, spec: TableSpec) -> TableSchema:
         schema = TableSchema(columns=(), version=0)
-        con.execute(f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR PRIMARY KEY, _partition TIMESTAMP)")
         is_child = table != spec.name
+        con.execute(create_table_sql(table, keyed=not is_child))
         con.execute("INSERT OR IGNORE INTO _headwater_tables VALUES (?, ?, ?, ?, ?)",
                     [table, partner, "_event_time" if is_child else spec.partition_column,
                      spec.partition_granularity, [] if is_child else list(spec.clustering)])
@@ -288,7 +304,8 @@ class DuckDBWarehouse:
 
     # -- writes -----------------------------------------------------------------------------------
     def write_rows(self, rows: Sequence[TableRow]) -> list[DeadLetter]:
-        """Insert rows (idempotent per row id). Returns dead letters for rows the warehouse rejected."""
+        """Insert rows, idempotent per event (module docstring: an event's rows are stored with its main row,
+        in one transaction, or not at all). Returns dead letters for rows the warehouse rejected."""
         if not rows:
             return []
         by_table: dict[str, dict[str, TableRow]] = {}
@@ -297,13 +314,18 @@ class DuckDBWarehouse:
 
         def go(con) -> list[DeadLetter]:
             dead: list[DeadLetter] = []
+            plans: list[_Plan] = []
             for table, batch in by_table.items():
-                dead += self._write_table(con, table, list(batch.values()))
+                dead += self._prepare_table(con, table, list(batch.values()), plans)
+            if plans:
+                dead += self._store(con, plans)
             return dead
 
         return self._with_conn(go)
 
-    def _write_table(self, con, table: str, batch: list[TableRow]) -> list[DeadLetter]:
+    def _prepare_table(self, con, table: str, batch: list[TableRow], plans: list) -> list[DeadLetter]:
+        """Reconcile a table's rows with its schema (creating and evolving it: DDL, committed on its own as
+        before) and append the insert statements they need to ``plans``. Returns the rows ``freeze`` refuses."""
         partner = batch[0].partner
         spec = self.tables[partner]
         mode = self.modes.get(partner, SchemaMode.EVOLVE)
@@ -312,7 +334,8 @@ class DuckDBWarehouse:
             schema = self._create_table(con, table, partner, spec)
         start = schema
         dead: list[DeadLetter] = []
-        ready: list[dict] = []
+        ready: list[TableRow] = []
+        ready_recs: list[dict] = []
         types_of: dict[bytes, dict] = {}  # rows of a table mostly share their types' bytes: decode each once
         # Types that fit the schema as is (reconcile's fast path). Columns are only ever added, so a fit
         # stays a fit for the rest of the batch: those rows skip reconcile (same result, it returns them as is).
@@ -341,72 +364,139 @@ class DuckDBWarehouse:
             schema = rec.schema
             cols = dict(rec.columns)
             cols["_row_id"] = r.row_id
-            ready.append(cols)
+            ready.append(r)
+            ready_recs.append(cols)
         if schema.version != start.version or schema.columns != start.columns:
             self._apply_schema(con, table, start, schema)
             self._remember_schema(con, table, schema)
+        main = table == spec.name
+        pcol = spec.partition_column if main else "_event_time"
+        gran = _GRAN[spec.partition_granularity]
+        dict_types = _dict_read_types(schema)
         for types_bytes, group in fits.items():
-            if not self._insert_json(con, table, spec, schema, types_of[types_bytes], group):
-                for r in group:  # a value DuckDB refused: the dict path finds the row(s) and dead-letters them
-                    cols = loads(r.row)
-                    cols["_row_id"] = r.row_id
-                    ready.append(cols)
+            read_types = _json_read_types(schema, types_of[types_bytes])
+            if read_types is None:  # cannot be read as JSON text as is: the dict path decides
+                ready += group
+                ready_recs += [_with_id(loads(r.row), r.row_id) for r in group]
+            else:
+                plans.append(_Plan(table, main, group, None, read_types, pcol, gran))
         if ready:
-            dead += self._insert(con, table, spec, schema, ready, batch)
+            plans.append(_Plan(table, main, ready, ready_recs, dict_types, pcol, gran))
         return dead
 
-    def _insert_json(self, con, table: str, spec: TableSpec, schema: TableSchema, types: dict,
-                     rows: list[TableRow]) -> bool:
-        """Rows that share one set of columns, all of them present in ``schema`` with these types, as their
-        JSON text: DuckDB converts it (``json_transform_strict`` on exactly these columns, so a value the
-        column cannot hold fails the statement as ``read_json`` did). Returns False, having written
-        nothing, when it fails."""
-        read_types = {"_row_id": "VARCHAR"}
-        for name in types:
-            if name == "_row_id":  # a child row's id is one of its columns too: the same id, taken from the row
-                continue
-            col = schema.get(name)
-            if col is None or name in _BASE_COLUMNS:
-                return False
-            read_types[name] = duck_type(col, for_read=True)
-        pcol = spec.partition_column if table == spec.name else "_event_time"
-        part = (f"date_trunc('{_GRAN[spec.partition_granularity]}', {_q(pcol)})"
-                if pcol in read_types else "NULL::TIMESTAMP")
-        try:
-            _json_insert(con, table, rows, read_types, part, order_by="_partition")
-        except duckdb.Error:
-            return False
-        return True
+    def _has_key(self, con, table: str) -> bool:
+        """Whether the table has a PRIMARY KEY on ``_row_id``: every main table; child tables only in warehouses
+        written before event-level keys (module docstring). Cached per connection."""
+        cache = self._keys
+        if cache[0] is not con:
+            cache = self._keys = (con, {})
+        known = cache[1].get(table)
+        if known is None:
+            known = cache[1][table] = bool(con.execute(
+                "SELECT count(*) FROM duckdb_constraints() WHERE database_name = current_database() AND "
+                "schema_name = 'main' AND table_name = ? AND constraint_type = 'PRIMARY KEY'", [table]).fetchone()[0])
+        return known
 
-    def _insert(self, con, table: str, spec: TableSpec, schema: TableSchema, recs: list[dict],
-                batch: list[TableRow]) -> list[DeadLetter]:
-        cols = [ColumnSchema("_row_id", "STRING", "NULLABLE"),
-                *(c for c in schema.columns if c.name not in _BASE_COLUMNS)]
-        names = [c.name for c in cols]
-        pcol = spec.partition_column if table == spec.name else "_event_time"
-        part = (f"date_trunc('{_GRAN[spec.partition_granularity]}', {_q(pcol)})"
-                if pcol in names else "NULL::TIMESTAMP")
-        read_types = {c.name: duck_type(c, for_read=True) for c in cols}
-
-        def insert(lines: list[dict], order_by: Optional[str] = None) -> None:
-            if not _arrow_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by):
-                _bulk_insert(con, table, lines, read_types, {}, extra={"_partition": part}, order_by=order_by)
-
-        try:
-            insert(recs, order_by="_partition")
-            return []
-        except duckdb.Error:
-            pass  # one bad row fails the whole statement: find it row by row
-        by_id = {r.row_id: r for r in batch}
-        dead = []
-        for rec in recs:
+    def _store(self, con, plans: list) -> list[DeadLetter]:
+        """Run ``plans`` in one transaction (``_transaction``). A statement that fails rolls the transaction
+        back: a stored main row id (a re-run) makes the next try careful; a value a table refuses is found
+        (``_probe``) and dead-lettered, and the rest is tried again."""
+        dead: list[DeadLetter] = []
+        careful = _careful_first([p.table for p in plans if p.main])
+        for _ in range(3 * len(plans) + 2):
             try:
-                insert([rec])
-            except duckdb.Error as exc:
-                r = by_id[rec["_row_id"]]
-                dead.append(self._row_dead(r, Reason.SINK_REJECTED, type(exc).__name__,
-                                           f"table {table}: warehouse rejected the row: {str(exc)[:500]}", r.row))
-        return dead
+                self._transaction(con, plans, careful)
+            except _PlanFailed as failed:
+                plan, exc = plans[failed.index], failed.cause
+                if isinstance(exc, duckdb.ConstraintException) and not careful:
+                    careful = True
+                    _conflict(plan.table)
+                    continue
+                if plan.recs is None:  # JSON text refused: the dict path decides, as the statement did before
+                    plans[failed.index] = plan.as_dicts(_dict_read_types(self._schema_of(con, plan.table)))
+                    continue
+                good, bad = self._probe(con, plan)
+                if not bad:
+                    raise exc
+                for r, why in bad:
+                    dead.append(self._row_dead(r, Reason.SINK_REJECTED, type(why).__name__,
+                                               f"table {plan.table}: warehouse rejected the row: {str(why)[:500]}", r.row))
+                if good is None:
+                    del plans[failed.index]
+                else:
+                    plans[failed.index] = good
+                if not plans:
+                    return dead
+                continue
+            if not careful:
+                _clean([p.table for p in plans if p.main])
+            return dead
+        raise RuntimeError(f"{self.path}: a write did not settle after {3 * len(plans) + 2} tries")
+
+    def _transaction(self, con, plans: list, careful: bool) -> None:
+        """One write's statements in one transaction: main rows first, then child rows of the events whose
+        main row this write stored. Optimistic (``careful`` False): plain INSERTs, a stored main row id fails
+        the statement; careful: main rows ``INSERT OR IGNORE ... RETURNING`` the stored ones. Child rows whose
+        main row is not in this write (a rejected main row) go in only where their ``_row_id`` is absent."""
+        events = {(r.partner, r.event_id) for p in plans if p.main for r in p.rows}
+        index = 0
+        con.execute("BEGIN TRANSACTION")
+        try:
+            new = events
+            if careful:
+                new = set()
+            for index, p in enumerate(plans):
+                if not p.main:
+                    continue
+                if careful:
+                    stored: list = []
+                    p.run(con, "returning", stored)
+                    of = {r.row_id: (r.partner, r.event_id) for r in p.rows}
+                    new.update(of[i] for i in stored)
+                else:
+                    p.run(con, "plain")
+            for index, p in enumerate(plans):
+                if p.main:
+                    continue
+                keyed = self._has_key(con, p.table)
+                with_main = p.subset(lambda r: (r.partner, r.event_id) in new)
+                if with_main is not None:
+                    with_main.run(con, "ignore" if careful and keyed else "plain")
+                orphans = p.subset(lambda r: (r.partner, r.event_id) not in events)
+                if orphans is not None:
+                    orphans.run(con, "ignore" if keyed else "absent")
+            con.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                pass
+            if isinstance(exc, duckdb.Error):
+                raise _PlanFailed(index, exc) from exc
+            raise
+
+    def _probe(self, con, plan: "_Plan") -> "tuple[Optional[_Plan], list]":
+        """Which rows of ``plan`` its table refuses: inserted into an empty temporary copy of the table (the
+        real table untouched), all at once and then one by one. Returns (the plan without them or None,
+        [(row, error)])."""
+        probe = "temp.main._hw_probe"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _hw_probe AS SELECT * FROM {_q(plan.table)} LIMIT 0")
+        try:
+            try:
+                plan.run(con, "plain", target=probe)
+                return plan, []
+            except duckdb.Error:
+                pass
+            keep, bad = [], []
+            for k, r in enumerate(plan.rows):
+                try:
+                    plan.pick([k]).run(con, "plain", target=probe)
+                    keep.append(k)
+                except duckdb.Error as exc:
+                    bad.append((r, exc))
+            return (plan.pick(keep) if keep else None), bad
+        finally:
+            con.execute("DROP TABLE IF EXISTS temp.main._hw_probe")
 
     @staticmethod
     def _row_dead(r: TableRow, reason: str, cls: str, msg: str, payload: bytes) -> DeadLetter:
@@ -451,13 +541,95 @@ class DuckDBWarehouse:
         return len(recs)
 
 
+
+class _PlanFailed(Exception):
+    """A statement of a write's transaction failed (the transaction is rolled back): which plan, and why."""
+
+    def __init__(self, index: int, cause: duckdb.Error):
+        super().__init__(str(cause))
+        self.index, self.cause = index, cause
+
+
+class _Plan:
+    """One insert statement of a write: rows of one table, as JSON text (``recs`` None: every row has exactly
+    the columns of ``read_types``) or as reconciled dicts (``recs``, parallel to ``rows``)."""
+
+    __slots__ = ("table", "main", "rows", "recs", "read_types", "pcol", "gran")
+
+    def __init__(self, table: str, main: bool, rows: list, recs: Optional[list], read_types: dict, pcol: str,
+                 gran: str):
+        self.table, self.main, self.rows, self.recs = table, main, rows, recs
+        self.read_types, self.pcol, self.gran = read_types, pcol, gran
+
+    @property
+    def part(self) -> str:
+        """SQL for ``_partition``: the partition column truncated to the granularity (NULL without it)."""
+        return f"date_trunc('{self.gran}', {_q(self.pcol)})" if self.pcol in self.read_types else "NULL::TIMESTAMP"
+
+    def _with(self, rows: list, recs: Optional[list], read_types: dict) -> "_Plan":
+        return _Plan(self.table, self.main, rows, recs, read_types, self.pcol, self.gran)
+
+    def pick(self, ks: list) -> "_Plan":
+        return self._with([self.rows[k] for k in ks], None if self.recs is None else [self.recs[k] for k in ks],
+                          self.read_types)
+
+    def subset(self, keep) -> "Optional[_Plan]":
+        """The plan for the rows ``keep`` accepts: itself when it accepts all, None when none."""
+        ks = [k for k, r in enumerate(self.rows) if keep(r)]
+        if len(ks) == len(self.rows):
+            return self
+        return self.pick(ks) if ks else None
+
+    def as_dicts(self, read_types: dict) -> "_Plan":
+        """The same rows through the dict path (its conversions decide what a JSON-text statement refused)."""
+        if self.recs is not None:
+            return self
+        return self._with(self.rows, [_with_id(orjson.loads(r.row), r.row_id) for r in self.rows], read_types)
+
+    def run(self, con, mode: str, returned: Optional[list] = None, target: Optional[str] = None) -> None:
+        if self.recs is None:
+            _json_insert(con, self.table, self.rows, self.read_types, self.part, order_by="_partition",
+                         mode=mode, returned=returned, target=target)
+        elif not _arrow_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
+                               order_by="_partition", mode=mode, returned=returned, target=target):
+            _bulk_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
+                         order_by="_partition", mode=mode, returned=returned, target=target)
+
+
+def _with_id(cols: dict, row_id: str) -> dict:
+    cols["_row_id"] = row_id
+    return cols
+
+
+def _json_read_types(schema: TableSchema, types: dict) -> Optional[dict]:
+    """Read types for rows with exactly these columns as JSON text, or None when a column is not (yet) in
+    ``schema`` (the dict path then decides)."""
+    read_types = {"_row_id": "VARCHAR"}
+    for name in types:
+        if name == "_row_id":  # a child row's id is one of its columns too: the same id, taken from the row
+            continue
+        col = schema.get(name)
+        if col is None or name in _BASE_COLUMNS:
+            return None
+        read_types[name] = duck_type(col, for_read=True)
+    return read_types
+
+
+def _dict_read_types(schema: TableSchema) -> dict:
+    cols = [ColumnSchema("_row_id", "STRING", "NULLABLE"), *(c for c in schema.columns if c.name not in _BASE_COLUMNS)]
+    return {c.name: duck_type(c, for_read=True) for c in cols}
+
+
+
+
 def _insert_any(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str]) -> None:
     if not _arrow_insert(con, table, recs, read_types, exprs):
         _bulk_insert(con, table, recs, read_types, exprs)
 
 
 def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str],
-                 extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None) -> None:
+                 extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None, mode: Optional[str] = None,
+                 returned: Optional[list] = None, target: Optional[str] = None) -> None:
     """INSERT OR IGNORE many records at once through a temporary NDJSON file (DuckDB's executemany
     is row-at-a-time and was 1,000x slower here: 143 s for 12,000 aggregate rows).
 
@@ -472,9 +644,9 @@ def _bulk_insert(con, table: str, recs: list[dict], read_types: dict[str, str], 
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(b"\n".join(orjson.dumps(r) for r in recs) + b"\n")
-        _insert_or_ignore(con, table, f"({', '.join(_q(n) for n in names)}) SELECT {select} "
-                          f"FROM read_json({_sql_str(tmp)}, columns={col_types}, format='newline_delimited', "
-                          f"maximum_object_size=134217728){order}")
+        _run_insert(con, table, f"({', '.join(_q(n) for n in names)})", f"SELECT {select} "
+                    f"FROM read_json({_sql_str(tmp)}, columns={col_types}, format='newline_delimited', "
+                    f"maximum_object_size=134217728){order}", mode, returned, target)
     finally:
         os.unlink(tmp)
 
@@ -508,8 +680,65 @@ def _insert_or_ignore(con, table: str, tail: str) -> None:
         del _IGNORE_FIRST[table]  # a clean plain insert: back to plain first, the back-off starts over
 
 
+
+def _conflict(table: str) -> None:
+    """A plain INSERT met a stored row id in ``table``: back off (``_IGNORE_FIRST``), twice as long as the
+    last time while conflicts repeat."""
+    state = _IGNORE_FIRST.get(table)
+    backoff = _BACKOFF_START if state is None else min(state[1] * 2, _BACKOFF_MAX)
+    _IGNORE_FIRST[table] = [backoff, backoff]
+
+
+def _careful_first(tables: list) -> bool:
+    """Whether a write into these main tables starts careful (one of them is backing off; counts it down)."""
+    careful = False
+    for t in set(tables):
+        state = _IGNORE_FIRST.get(t)
+        if state is not None and state[0] > 0:
+            state[0] -= 1
+            careful = True
+    return careful
+
+
+def _clean(tables: list) -> None:
+    """An optimistic write into these tables met no stored id: their back-off is over."""
+    for t in tables:
+        _IGNORE_FIRST.pop(t, None)
+
+
+def _run_insert(con, table: str, cols: str, select: str, mode: Optional[str], returned: Optional[list],
+                target: Optional[str]) -> None:
+    """``INSERT INTO <target or table> <cols> <select>`` as ``mode``: None, INSERT OR IGNORE tried as a plain
+    INSERT first (``_insert_or_ignore``); "plain"; "ignore" (INSERT OR IGNORE); "returning" (INSERT OR
+    IGNORE, the stored rows' ``_row_id`` appended to ``returned``); "absent" (only rows whose ``_row_id`` the
+    table does not hold: for a table without a key)."""
+    if mode is None:
+        _insert_or_ignore(con, table, f"{cols} {select}")
+        return
+    into = target or _q(table)
+    if mode == "plain":
+        con.execute(f"INSERT INTO {into} {cols} {select}")
+    elif mode == "ignore":
+        con.execute(f"INSERT OR IGNORE INTO {into} {cols} {select}")
+    elif mode == "returning":
+        returned.extend(r[0] for r in con.execute(
+            f"INSERT OR IGNORE INTO {into} {cols} {select} RETURNING _row_id").fetchall())
+    elif mode == "absent":
+        con.execute(f"INSERT INTO {into} {cols} SELECT * FROM ({select}) AS b "
+                    f"WHERE NOT EXISTS (SELECT 1 FROM {into} AS l WHERE l._row_id = b._row_id)")
+    else:
+        raise ValueError(f"unknown insert mode {mode!r}")
+
+
+def create_table_sql(table: str, keyed: bool) -> str:
+    """A partner table's DDL: main tables keep ``_row_id`` as PRIMARY KEY (the event's key), child tables
+    hold it as a plain column (module docstring: DuckDB's key index stays in memory, ~71 bytes per key)."""
+    key = " PRIMARY KEY" if keyed else ""
+    return f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR{key}, _partition TIMESTAMP)"
+
 def _json_insert(con, table: str, rows: list, read_types: dict[str, str], partition: str,
-                 order_by: Optional[str] = None) -> None:
+                 order_by: Optional[str] = None, mode: Optional[str] = None, returned: Optional[list] = None,
+                 target: Optional[str] = None) -> None:
     """INSERT OR IGNORE rows (TableRow: ``row_id`` and ``row``, its columns' JSON) that all have exactly the
     columns of ``read_types``, through an Arrow table of (row id, JSON text) that DuckDB turns into typed
     columns with ``json_transform_strict``: the JSON reader's conversions (as ``read_json`` applied them to
@@ -526,8 +755,9 @@ def _json_insert(con, table: str, rows: list, read_types: dict[str, str], partit
     con.register(view, arrow)  # noqa: F841 - read by name in the SQL below
     try:
         inner = "_row_id" + (f", unnest(json_transform_strict(_doc, {_sql_str(structure)}))" if structure != "{}" else "")
-        _insert_or_ignore(con, table, f'({names}, "_partition") '
-                          f'SELECT {names}, {partition} AS "_partition" FROM (SELECT {inner} FROM {view}){order}')
+        _run_insert(con, table, f'({names}, "_partition")',
+                    f'SELECT {names}, {partition} AS "_partition" FROM (SELECT {inner} FROM {view}){order}',
+                    mode, returned, target)
     finally:
         con.unregister(view)
 
@@ -539,7 +769,8 @@ _ARROW_CAST = ("TIMESTAMP", "DATE", "DECIMAL(38,9)")
 
 
 def _arrow_insert(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str],
-                  extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None) -> bool:
+                  extra: Optional[dict[str, str]] = None, order_by: Optional[str] = None, mode: Optional[str] = None,
+                  returned: Optional[list] = None, target: Optional[str] = None) -> bool:
     """``_bulk_insert`` through an Arrow table instead of NDJSON text: same statement, same conversions
     (``tests/sinks/test_duckdb_arrow.py`` compares the two on every column type). Returns False, having
     written nothing, when a column's type or a value does not map exactly (BLOB columns, a non-string in
@@ -573,8 +804,8 @@ def _arrow_insert(con, table: str, recs: list[dict], read_types: dict[str, str],
     view = "_hw_arrow_batch"
     con.register(view, arrow)
     try:
-        _insert_or_ignore(con, table, f"({', '.join(_q(n) for n in names)}) SELECT {select} "
-                          f"FROM (SELECT {', '.join(casts)} FROM {view}){order}")
+        _run_insert(con, table, f"({', '.join(_q(n) for n in names)})",
+                    f"SELECT {select} FROM (SELECT {', '.join(casts)} FROM {view}){order}", mode, returned, target)
     finally:
         con.unregister(view)
     return True

@@ -80,13 +80,14 @@ def test_held_writer_reconnects_after_hold_s(tmp_path):
 def test_child_rows_take_the_json_insert_path(tmp_path, monkeypatch):
     """A child row's columns include its _row_id: it must not push the whole table to the per-row dict path."""
     calls = []
-    real = DuckDBWarehouse._insert
+    real = duckdb_store._Plan.run
 
-    def spy(self, con, table, spec, schema, recs, batch):
-        calls.append((table, len(recs)))
-        return real(self, con, table, spec, schema, recs, batch)
+    def spy(self, con, mode, *a, **k):
+        if self.recs is not None:
+            calls.append((self.table, len(self.recs)))
+        return real(self, con, mode, *a, **k)
 
-    monkeypatch.setattr(DuckDBWarehouse, "_insert", spy)
+    monkeypatch.setattr(duckdb_store._Plan, "run", spy)
     path = tmp_path / "w.duckdb"
     wh = _warehouse(path)
     rows = _rows(40)
@@ -134,33 +135,36 @@ def test_bounded_settings_are_restored():
     assert sys.getswitchinterval() == before_si
 
 
-def test_plain_insert_first_then_insert_or_ignore_after_a_stored_row_id(tmp_path, monkeypatch):
-    """Rows are first inserted with a plain INSERT (cheaper); a statement that meets a stored row id is rolled
-    back by DuckDB and run again as INSERT OR IGNORE: the stored rows are exactly the distinct ones, and the
-    table's next statements go straight to INSERT OR IGNORE for the back-off."""
+def test_plain_insert_first_then_careful_after_a_stored_row_id(tmp_path, monkeypatch):
+    """A write first runs plain INSERTs (cheaper); one that meets a stored main row id is rolled back as a whole
+    and runs again careful (main rows INSERT OR IGNORE ... RETURNING, child rows only of the events stored now):
+    the stored rows are exactly the distinct ones, and the table's next writes start careful for the back-off."""
     monkeypatch.setattr(duckdb_store, "_IGNORE_FIRST", {})
     seen: list[str] = []
-    real = duckdb_store._insert_or_ignore
+    real = duckdb_store._run_insert
 
-    def spy(con, table, tail):
-        before = dict(duckdb_store._IGNORE_FIRST)
-        real(con, table, tail)
-        seen.append(f"{table}:{'backoff' if before.get(table, [0])[0] > 0 else 'plain-first'}")
+    def spy(con, table, cols, select, mode, returned, target):
+        seen.append(f"{table}:{mode}")
+        return real(con, table, cols, select, mode, returned, target)
 
-    monkeypatch.setattr(duckdb_store, "_insert_or_ignore", spy)
+    monkeypatch.setattr(duckdb_store, "_run_insert", spy)
     path = tmp_path / "w.duckdb"
     wh = _warehouse(path)
     assert wh.write_rows(_rows(40)) == []
+    # (a new table's first row adds its columns: two plain statements per table in this first write)
+    assert list(dict.fromkeys(seen)) == ["t:plain", "t__accounts:plain"]
     assert duckdb_store._IGNORE_FIRST == {}  # no stored id met: no back-off
     assert _counts_in_other_process(path) == {"t": (40, 40), "t__accounts": (80, 80)}
-    # 20 stored + 20 new events: the plain INSERT fails as a whole, nothing of it is kept, OR IGNORE writes the new
+    # 20 stored + 20 new events: the plain INSERT fails, the transaction rolls back, the careful one writes the new
+    seen.clear()
     assert wh.write_rows(_rows(40, start=20)) == []
+    assert seen == ["t:plain", "t:returning", "t__accounts:plain"]
     assert _counts_in_other_process(path) == {"t": (60, 60), "t__accounts": (120, 120)}
-    assert duckdb_store._IGNORE_FIRST["t"] == [duckdb_store._BACKOFF_START] * 2
-    # while backing off, the statements are INSERT OR IGNORE from the start (a re-run meets stored ids each time)
+    assert duckdb_store._IGNORE_FIRST == {"t": [duckdb_store._BACKOFF_START] * 2}  # main tables only
+    # while backing off, writes are careful from the start (a re-run meets stored ids each time)
     seen.clear()
     assert wh.write_rows(_rows(60)) == []
-    assert seen == ["t:backoff", "t__accounts:backoff"]
+    assert seen == ["t:returning"]  # every event stored already: no child statement at all
     assert _counts_in_other_process(path) == {"t": (60, 60), "t__accounts": (120, 120)}
 
 
@@ -172,15 +176,14 @@ def test_backoff_doubles_on_repeated_conflicts_and_resets_after_a_clean_insert(t
     assert wh.write_rows(_rows(10)) == []  # a re-run: the plain INSERT meets stored ids
     start = duckdb_store._BACKOFF_START
     assert duckdb_store._IGNORE_FIRST["t"] == [start, start]
-    for _ in range(start):  # the back-off: straight to INSERT OR IGNORE
+    for _ in range(start):  # the back-off: careful from the start
         assert wh.write_rows(_rows(10)) == []
     assert duckdb_store._IGNORE_FIRST["t"] == [0, start]
     assert wh.write_rows(_rows(10)) == []  # plain first again, conflicts again: twice as long
     assert duckdb_store._IGNORE_FIRST["t"] == [2 * start, 2 * start]
     duckdb_store._IGNORE_FIRST["t"][0] = 0
-    duckdb_store._IGNORE_FIRST["t__accounts"][0] = 0
     assert wh.write_rows(_rows(10, start=10)) == []  # new ids only: the plain INSERT succeeds, back-off over
-    assert "t" not in duckdb_store._IGNORE_FIRST and "t__accounts" not in duckdb_store._IGNORE_FIRST
+    assert duckdb_store._IGNORE_FIRST == {}
     assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
 
 
