@@ -71,7 +71,7 @@ class CountOutcomes(beam.PTransform):
 
 def rows_include_duplicates(contract) -> bool:
     """Whether the bounded job's row stream still carries duplicate events' rows: on DuckDB it does
-    (``ingest.bounded``: rows are written as they come, ``INSERT OR IGNORE`` by ``_row_id`` absorbs the
+    (``ingest.bounded``: rows are written as they come, the warehouse's per-event key absorbs the
     repeats), on BigQuery only the kept copy's rows are written (``keep_rows``)."""
     return not contract.streaming and contract.warehouse.kind == "duckdb"
 

@@ -17,8 +17,8 @@ crosses one in memory, so only the compact per-event dedup entries and the per-k
 dedup needs no per-event state cell (the shard group holds a set).
 
 Duplicates: the first occurrence of a (partner, event id) in a shard group is kept for the aggregates
-and counted once; rows need no dedup on DuckDB, whose writes are ``INSERT OR IGNORE`` by the
-deterministic ``_row_id`` (a repeated event has the same row ids). For BigQuery, whose bounded writes
+and counted once; rows need no dedup on DuckDB, whose writes are idempotent per event (a repeated
+event has the same main row id; its rows are written with the first copy's, sinks/duckdb_store.py). For BigQuery, whose bounded writes
 append, the rows travel with the dedup entries and only the kept copy's rows are written
 (``keep_rows``). When two *different* payloads share an event id (not a redelivery: a partner bug)
 the copy kept is the one whose entry sorts first, and on DuckDB the rows are those written first;
