@@ -26,14 +26,20 @@ the per-element pipeline kept whichever arrived first, so neither was determinis
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import hashlib
+import os
 import pickle
+import shutil
+import struct
 import sys
+import tempfile
 import time
+import uuid
 import zlib
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import apache_beam as beam
 import orjson
@@ -92,6 +98,7 @@ def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH
     finally:
         gc.set_threshold(*before)
         sys.setswitchinterval(interval)
+        remove_spills()
 
 
 class MessageBatch(list):
@@ -168,10 +175,11 @@ class _ReadFileBatches(beam.PTransform):
 
 
 class _ProcessBatchFn(beam.DoFn):
-    def __init__(self, contract: Contract, keep_rows: bool, shards: int):
+    def __init__(self, contract: Contract, keep_rows: bool, shards: int, spill_dir: Optional[str] = None):
         self._contract = contract
         self._keep_rows = keep_rows
         self._shards = shards
+        self._spill_dir = spill_dir  # local runners: dedup blobs go to files, references cross the shuffle
         self._events = Metrics.counter("headwater", "events_parsed")
         self._rows = Metrics.counter("headwater", "rows_flattened")
         self._dead = Metrics.counter("headwater", "dead_letters_parse_flatten")
@@ -181,6 +189,16 @@ class _ProcessBatchFn(beam.DoFn):
 
     def setup(self) -> None:
         self._proc = BatchProcessor(self._contract, keep_rows=self._keep_rows)
+        self._spill = _Spill(self._spill_dir) if self._spill_dir else None
+
+    def finish_bundle(self) -> None:
+        if self._spill is not None:
+            self._spill.flush()  # the references this bundle emitted point at bytes on disk before it commits
+
+    def teardown(self) -> None:
+        spill = getattr(self, "_spill", None)
+        if spill is not None:
+            spill.close()
 
     def process(self, batch: list) -> Iterator:
         if not batch:
@@ -218,8 +236,8 @@ class _ProcessBatchFn(beam.DoFn):
             for shard, group in groups.items():
                 # One blob per (batch, shard): Beam codes bytes without looking inside. Compressed (ids and keys
                 # share long prefixes): the local runner holds every blob in memory until the shard groups run.
-                yield TaggedOutput(DEDUP_TAG, (shard, zlib.compress(
-                    pickle.dumps((partner, group), protocol=pickle.HIGHEST_PROTOCOL), 1)))
+                blob = zlib.compress(pickle.dumps((partner, group), protocol=pickle.HIGHEST_PROTOCOL), 1)
+                yield TaggedOutput(DEDUP_TAG, (shard, blob if self._spill is None else self._spill.put(shard, blob)))
 
 
 class _FoldShardFn(beam.DoFn):
@@ -260,8 +278,15 @@ class _FoldShardFn(beam.DoFn):
         _, groups = element
         seen: set = set()
         again: set = set()
+        reader = _SpillReader()
+        try:
+            yield from self._process(groups, seen, again, reader)
+        finally:
+            reader.close()
+
+    def _process(self, groups, seen: set, again: set, reader: "_SpillReader") -> Iterator:
         for blob in groups:
-            partner, entries = pickle.loads(zlib.decompress(blob))
+            partner, entries = pickle.loads(zlib.decompress(reader.blob(blob)))
             for e in entries:
                 h = _event_hash(partner, e[0])
                 if h in seen:
@@ -273,7 +298,7 @@ class _FoldShardFn(beam.DoFn):
         dups = 0
         rows: list = []
         for blob in groups:
-            partner, entries = pickle.loads(zlib.decompress(blob))
+            partner, entries = pickle.loads(zlib.decompress(reader.blob(blob)))
             for e in entries:
                 if again and _event_hash(partner, e[0]) in again:
                     k = (partner, e[0])
@@ -324,6 +349,103 @@ class _FoldShardFn(beam.DoFn):
                     processing_time_us=int(self._clock() * 1_000_000)))
 
 
+#: A dedup blob spilled to a file is replaced by a reference: this prefix (a zlib stream starts with 0x78),
+#: then offset and length (little-endian u64, u32), then the file's path.
+_SPILL_REF = b"HWSPILL\x00"
+_REF = struct.Struct("<QI")
+_SPILL_DIRS: list = []  # spill directories made by this process's bounded jobs (removed after the run)
+
+
+class _Spill:
+    """Appends dedup blobs to one file per shard (per DoFn instance) and returns references to them.
+
+    Why: the local runners hold what crosses a shuffle in memory, and Beam's FnApiRunner encodes a grouped
+    buffer whole before the next stage reads it (``GroupingBuffer.partition``: the table, the output stream
+    and its copy at once), so at 10M events the ~28 bytes per event of dedup blobs became ~1 GB at the
+    fold (bench/README.md, "Fourth pass"). References are ~80 bytes per blob of ~60 events. Only where the
+    job's workers share this machine's disk (``BoundedHeadwater``'s ``spill``); on Dataflow the blobs
+    cross the shuffle themselves."""
+
+    def __init__(self, root: str):
+        self._root = root
+        self._files: dict = {}
+        self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+    def put(self, shard: int, blob: bytes) -> bytes:
+        fh = self._files.get(shard)
+        if fh is None:
+            os.makedirs(self._root, exist_ok=True)
+            path = os.path.join(self._root, f"shard-{shard}-{self._tag}.bin")
+            fh = self._files[shard] = open(path, "ab")
+        offset = fh.tell()
+        fh.write(blob)
+        return _SPILL_REF + _REF.pack(offset, len(blob)) + fh.name.encode()
+
+    def flush(self) -> None:
+        for fh in self._files.values():
+            fh.flush()
+
+    def close(self) -> None:
+        files, self._files = self._files, {}
+        for fh in files.values():
+            fh.close()
+
+
+class _SpillReader:
+    """Resolves blobs that are spill references (``_Spill``); other blobs are returned as they are."""
+
+    def __init__(self):
+        self._files: dict = {}
+
+    def blob(self, blob: bytes) -> bytes:
+        if not blob.startswith(_SPILL_REF):
+            return blob
+        n = len(_SPILL_REF)
+        offset, length = _REF.unpack_from(blob, n)
+        path = blob[n + _REF.size:].decode()
+        fh = self._files.get(path)
+        if fh is None:
+            fh = self._files[path] = open(path, "rb")
+        fh.seek(offset)
+        data = fh.read(length)
+        if len(data) != length:
+            raise IOError(f"dedup spill file {path} is short: {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def close(self) -> None:
+        files, self._files = self._files, {}
+        for fh in files.values():
+            fh.close()
+
+
+def spill_dir() -> str:
+    """A new spill directory for a bounded job of this process, removed by ``remove_spills`` (after the run)."""
+    path = os.path.join(tempfile.gettempdir(), f"headwater-spill-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    _SPILL_DIRS.append(path)
+    return path
+
+
+def remove_spills() -> None:
+    """Remove this process's spill directories (``bounded_settings`` calls it when a bounded run ends)."""
+    while _SPILL_DIRS:
+        shutil.rmtree(_SPILL_DIRS.pop(), ignore_errors=True)
+
+
+atexit.register(remove_spills)
+
+
+#: Runners whose workers run on this machine (in this process or its children) and hold shuffled data in
+#: this process's memory: the bounded job spills its dedup blobs to local files there.
+LOCAL_RUNNERS = frozenset({"DirectRunner", "SwitchingDirectRunner", "FnApiRunner"})
+
+
+def _local_runner(options) -> bool:
+    from ingest.runner import _runner_name
+
+    name = _runner_name(options) if options is not None else None
+    return name is None or name in LOCAL_RUNNERS
+
+
 def _event_hash(partner: str, event_id: str) -> int:
     """The first pass's stand-in for an event's identity (only says which events might repeat)."""
     return hash((partner, event_id))
@@ -347,7 +469,7 @@ class BoundedHeadwater(beam.PTransform):
 
     def __init__(self, contract: Contract, source_overrides: Mapping[str, beam.PTransform], require_overrides: bool,
                  keep_rows: bool = False, batch_size: int = BATCH_SIZE, shards: int = DEDUP_SHARDS,
-                 label: str = "Bounded"):
+                 label: str = "Bounded", spill: Optional[bool] = None):
         super().__init__(label)
         if contract.streaming:
             raise ValueError("BoundedHeadwater runs contracts without streaming sources")
@@ -357,6 +479,7 @@ class BoundedHeadwater(beam.PTransform):
         self._keep_rows = keep_rows
         self._batch = batch_size
         self._shards = shards
+        self._spill = spill  # dedup blobs to local files (_Spill); None: where the runner runs in this machine
 
     def expand(self, pbegin):
         contract = self._contract
@@ -380,8 +503,9 @@ class BoundedHeadwater(beam.PTransform):
             raise ValueError(f"overrides for unknown sources {sorted(self._overrides)}; sources are {labels}")
         raw = batches | "AllMessages" >> beam.Flatten()
         raw.element_type = MessageBatch
-        out = raw | "ProcessBatches" >> beam.ParDo(
-            _ProcessBatchFn(contract, self._keep_rows, self._shards)).with_output_types(RowBatch).with_outputs(
+        spill = self._spill if self._spill is not None else _local_runner(pbegin.pipeline.options)
+        out = raw | "ProcessBatches" >> beam.ParDo(_ProcessBatchFn(
+            contract, self._keep_rows, self._shards, spill_dir() if spill else None)).with_output_types(RowBatch).with_outputs(
             DEDUP_TAG, DEAD_LETTER_TAG, main=ROWS_TAG)
         specs = {p.name: tuple(p.aggregates) for p in contract.partners}
         out[DEDUP_TAG].element_type = beam.typehints.KV[int, bytes]  # deterministic key coder (VarInt), bytes values

@@ -2,9 +2,12 @@
 partial per (partner, aggregate, key) per bundle whatever the number of shard groups the key's events are in."""
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import zlib
+
+import pytest
 
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
@@ -125,3 +128,50 @@ def bounded_order(e: tuple) -> bytes:
 
     eid, t, key, values = e
     return _order((eid, t, ((0, key, tuple(values[c] for c in COLS)),), None))
+
+
+def test_spilled_blobs_fold_to_the_same_partials_and_are_removed_after_the_run(tmp_path):
+    """On a local runner the dedup blobs go to files and only references cross the shuffle: the fold of the
+    references equals the fold of the blobs, the references are small, and the run's end removes the files."""
+    from ingest import bounded
+
+    events = _events(500, users=9)
+    blobs = [_blob(events[k:k + 60]) for k in range(0, 500, 60)] + [_blob(events[10:20])]  # 10 repeated events
+    root = bounded.spill_dir()
+    spill = bounded._Spill(root)
+    refs = [spill.put(k % 3, b) for k, b in enumerate(blobs)]
+    spill.flush()
+    assert all(r.startswith(bounded._SPILL_REF) and len(r) < 200 for r in refs)
+    files = os.listdir(root)
+    assert len(files) == 3 and all(f.startswith("shard-") for f in files)  # one file per shard written
+    _, want = _fold([(0, blobs)])
+    _, got = _fold([(0, refs)])
+    assert _finals(got) == _finals(want)
+    assert len(_finals(got)) == 9
+    spill.close()
+    bounded.remove_spills()
+    assert not os.path.exists(root)
+
+
+def test_a_short_spill_file_fails_loudly(tmp_path):
+    from ingest import bounded
+
+    spill = bounded._Spill(str(tmp_path / "s"))
+    ref = spill.put(0, _blob(_events(5, users=1)))
+    spill.close()
+    path = ref[len(bounded._SPILL_REF) + bounded._REF.size:].decode()
+    with open(path, "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(IOError, match="short"):
+        _fold([(0, [ref])])
+
+
+def test_spill_only_where_the_runner_shares_this_machine():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from ingest.bounded import _local_runner
+
+    assert _local_runner(PipelineOptions([]))  # Beam's default: the DirectRunner (FnApiRunner) in this process
+    assert _local_runner(PipelineOptions(["--runner=DirectRunner"]))
+    assert not _local_runner(PipelineOptions(["--runner=DataflowRunner"]))
+    assert not _local_runner(PipelineOptions(["--runner=PrismRunner"]))
