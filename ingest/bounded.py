@@ -419,10 +419,27 @@ class _SpillReader:
 
 
 def spill_dir() -> str:
-    """A new spill directory for a bounded job of this process, removed by ``remove_spills`` (after the run)."""
-    path = os.path.join(tempfile.gettempdir(), f"headwater-spill-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    """A new spill directory for a bounded job of this process, removed by ``remove_spills`` (after the run).
+    Directories left by processes that no longer run (killed: no cleanup ran) are removed first."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if name.startswith("headwater-spill-"):
+            pid = name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    path = os.path.join(root, f"headwater-spill-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     _SPILL_DIRS.append(path)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_spills() -> None:

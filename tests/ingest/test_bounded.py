@@ -175,3 +175,25 @@ def test_spill_only_where_the_runner_shares_this_machine():
     assert _local_runner(PipelineOptions(["--runner=DirectRunner"]))
     assert not _local_runner(PipelineOptions(["--runner=DataflowRunner"]))
     assert not _local_runner(PipelineOptions(["--runner=PrismRunner"]))
+
+
+def test_spill_directories_of_killed_processes_are_removed_by_the_next_run():
+    """A SIGKILLed run cannot clean up: the next bounded job of any process removes what it left."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from ingest import bounded
+
+    code = ("import os, signal\nfrom ingest import bounded\nfrom ingest.bounded import _Spill\n"
+            "s = _Spill(bounded.spill_dir()); s.put(0, b'x'); s.flush(); print(s._root, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == -9, out.stderr
+    left = out.stdout.strip()
+    assert os.path.isdir(left) and os.path.dirname(left) == tempfile.gettempdir()
+    mine = bounded.spill_dir()
+    assert not os.path.exists(left)
+    bounded._Spill(mine).put(0, b"y")
+    bounded.remove_spills()
+    assert not os.path.exists(mine)
