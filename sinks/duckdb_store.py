@@ -11,8 +11,11 @@ Tables
 
   * an event's rows are written in one write (the sinks get them together: the bounded job's batches
     hold whole events; the streaming sink flushes only before a main row, and its input is fused with
-    the step that makes an event's rows one after the other). A write's statements run in one
-    transaction, so a kill leaves an event's rows all stored or none;
+    the step that makes an event's rows one after the other: every runner that runs this sink, the
+    FnApiRunner and Prism, fuses that chain). A write's statements run in one transaction, so a kill
+    leaves an event's rows all stored or none. (Were an event split over two writes, its later rows
+    would go in by the rule for rows without their main row, below; but a kill between the two writes,
+    then a rerun delivering the event whole, would skip the rows of the second.);
   * a write first tries plain INSERTs (cheapest); a stored main row id fails it, and it runs again
     careful: main rows ``INSERT OR IGNORE ... RETURNING`` the stored ids, child rows only for those;
   * child rows whose main row is not in the write (the warehouse refused the main row; ``freeze``
