@@ -41,6 +41,12 @@ HOLD_MAX_S = 100.0
 #: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
 #: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
 HELD_FLUSH_ROWS = 10_000
+#: DuckDB checkpoints a file at the commit that takes its write-ahead log past ``checkpoint_threshold`` (16 MB
+#: by default: every few 10,000-row writes, ~45 % of the writer's samples at 1M events were commits). The held
+#: bounded writer raises it to this; the log's rows wait in memory until the checkpoint, so this trades memory
+#: for CPU: 1M events, 20,000 users: 65-73 CPU-s against 71-90 (two alternating rounds, noisy), +25-45 MB peak
+#: RSS; 256 MB gained nothing more and cost +325 MB (bench/README.md, "Fourth pass").
+CHECKPOINT_THRESHOLD = "64MB"
 
 
 class _HeldWarehouse(DuckDBWarehouse):
@@ -66,6 +72,8 @@ class _HeldWarehouse(DuckDBWarehouse):
                 self._close()
             if self._con is None:
                 self._con, self._opened = self._open_writer(), time.monotonic()
+                if CHECKPOINT_THRESHOLD:
+                    self._con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             try:
                 return fn(self._con)
             except BaseException:

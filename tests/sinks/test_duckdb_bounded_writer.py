@@ -234,3 +234,15 @@ def test_held_writer_holds_longer_when_closing_is_slow(tmp_path):
     assert wh._con is not second
     wh.release()
     assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
+
+
+def test_held_writer_checkpoints_at_its_own_wal_threshold(tmp_path):
+    """The bounded writer's connection lets the write-ahead log grow to CHECKPOINT_THRESHOLD before a commit
+    checkpoints (DuckDB's default is 16 MB); what it wrote is all there after the release."""
+    path = tmp_path / "w.duckdb"
+    wh = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=3600)
+    assert wh.write_rows(_rows(20)) == []
+    got = wh._con.execute("SELECT current_setting('checkpoint_threshold')").fetchone()[0]
+    assert duckdb_sink.CHECKPOINT_THRESHOLD == "64MB" and got == "61.0 MiB", got  # DuckDB shows 64 MB in MiB
+    wh.release()
+    assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
