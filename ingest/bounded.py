@@ -276,15 +276,15 @@ class _FoldShardFn(beam.DoFn):
         whose hash repeated. Those are grouped by their exact (partner, event id), so a hash collision only
         costs a slot here, and the copy kept of a repeated event is the one whose entry sorts first, as before."""
         _, groups = element
-        seen: set = set()
-        again: set = set()
         reader = _SpillReader()
         try:
-            yield from self._process(groups, seen, again, reader)
+            yield from self._process(groups, reader)
         finally:
             reader.close()
 
-    def _process(self, groups, seen: set, again: set, reader: "_SpillReader") -> Iterator:
+    def _process(self, groups, reader: "_SpillReader") -> Iterator:
+        seen: set = set()
+        again: set = set()
         for blob in groups:
             partner, entries = pickle.loads(zlib.decompress(reader.blob(blob)))
             for e in entries:

@@ -72,8 +72,7 @@ class _HeldWarehouse(DuckDBWarehouse):
                 self._close()
             if self._con is None:
                 self._con, self._opened = self._open_writer(), time.monotonic()
-                if CHECKPOINT_THRESHOLD:
-                    self._con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
+                self._con.execute(f"SET checkpoint_threshold = '{CHECKPOINT_THRESHOLD}'")
             try:
                 return fn(self._con)
             except BaseException:

@@ -443,11 +443,9 @@ class DuckDBWarehouse:
         main row is not in this write (a rejected main row) go in only where their ``_row_id`` is absent."""
         events = {(r.partner, r.event_id) for p in plans if p.main for r in p.rows}
         index = 0
+        new = set() if careful else events  # the events whose main row this write stores
         con.execute("BEGIN TRANSACTION")
         try:
-            new = events
-            if careful:
-                new = set()
             for index, p in enumerate(plans):
                 if not p.main:
                     continue
@@ -544,7 +542,6 @@ class DuckDBWarehouse:
         return len(recs)
 
 
-
 class _PlanFailed(Exception):
     """A statement of a write's transaction failed (the transaction is rolled back): which plan, and why."""
 
@@ -623,8 +620,6 @@ def _dict_read_types(schema: TableSchema) -> dict:
     return {c.name: duck_type(c, for_read=True) for c in cols}
 
 
-
-
 def _insert_any(con, table: str, recs: list[dict], read_types: dict[str, str], exprs: dict[str, str]) -> None:
     if not _arrow_insert(con, table, recs, read_types, exprs):
         _bulk_insert(con, table, recs, read_types, exprs)
@@ -667,21 +662,16 @@ _BACKOFF_START, _BACKOFF_MAX = 8, 1024
 
 def _insert_or_ignore(con, table: str, tail: str) -> None:
     """``INSERT OR IGNORE INTO table <tail>``, tried as a plain INSERT first (above)."""
-    state = _IGNORE_FIRST.get(table)
-    if state is not None and state[0] > 0:
-        state[0] -= 1
+    if _careful_first([table]):
         con.execute(f"INSERT OR IGNORE INTO {_q(table)} {tail}")
         return
     try:
         con.execute(f"INSERT INTO {_q(table)} {tail}")
     except duckdb.ConstraintException:
-        backoff = _BACKOFF_START if state is None else min(state[1] * 2, _BACKOFF_MAX)
-        _IGNORE_FIRST[table] = [backoff, backoff]
+        _conflict(table)
         con.execute(f"INSERT OR IGNORE INTO {_q(table)} {tail}")
         return
-    if state is not None:
-        del _IGNORE_FIRST[table]  # a clean plain insert: back to plain first, the back-off starts over
-
+    _clean([table])  # a clean plain insert: back to plain first, the back-off starts over
 
 
 def _conflict(table: str) -> None:
@@ -693,7 +683,8 @@ def _conflict(table: str) -> None:
 
 
 def _careful_first(tables: list) -> bool:
-    """Whether a write into these main tables starts careful (one of them is backing off; counts it down)."""
+    """Whether a write into these tables starts careful, i.e. INSERT OR IGNORE (one of them is backing off;
+    counts it down)."""
     careful = False
     for t in set(tables):
         state = _IGNORE_FIRST.get(t)
@@ -704,7 +695,7 @@ def _careful_first(tables: list) -> bool:
 
 
 def _clean(tables: list) -> None:
-    """An optimistic write into these tables met no stored id: their back-off is over."""
+    """A plain write into these tables met no stored id: their back-off is over."""
     for t in tables:
         _IGNORE_FIRST.pop(t, None)
 
@@ -738,6 +729,7 @@ def create_table_sql(table: str, keyed: bool) -> str:
     hold it as a plain column (module docstring: DuckDB's key index stays in memory, ~71 bytes per key)."""
     key = " PRIMARY KEY" if keyed else ""
     return f"CREATE TABLE IF NOT EXISTS {_q(table)} (_row_id VARCHAR{key}, _partition TIMESTAMP)"
+
 
 def _json_insert(con, table: str, rows: list, read_types: dict[str, str], partition: str,
                  order_by: Optional[str] = None, mode: Optional[str] = None, returned: Optional[list] = None,
