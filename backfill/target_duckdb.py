@@ -25,7 +25,7 @@ import duckdb
 from backfill.ledger import DuckDBLedger, LedgerRow
 from backfill.spec import BackfillSpec
 from flatten.schema import TableSchema
-from sinks.duckdb_store import DuckDBWarehouse, create_table_sql, duck_type
+from sinks.duckdb_store import DuckDBWarehouse, create_table_sql, duck_type, schema_changed
 from sinks.spec import WarehouseSpec
 
 __all__ = ["DuckDBTarget"]
@@ -198,6 +198,7 @@ class DuckDBTarget:
         new = TableSchema(tuple(live.columns) + tuple(add), live.version + 1)
         con.execute("INSERT OR IGNORE INTO _headwater_schemas VALUES (?, ?, ?, ?)",
                     [table, new.version, new.to_json(), datetime.now(timezone.utc).replace(tzinfo=None)])
+        schema_changed(self.path)  # a held writer of this process caching this file's schemas drops its cache
         return new
 
     def _create_like_staging(self, con, table: str, keyed: bool) -> TableSchema:

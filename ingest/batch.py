@@ -31,6 +31,8 @@ from ingest.contract import Contract, PartnerContract
 from ingest.envelope import EnvelopeParser
 from ingest.mask_key import contract_mask_key
 
+new_tuple = tuple.__new__
+
 __all__ = ["BatchProcessor", "BatchResult", "Entry", "PARSE_STEP", "FLATTEN_STEP", "metric_columns"]
 
 #: Step names written into dead letters: the per-element pipeline's, so the dead-letter table reads the same.
@@ -88,6 +90,11 @@ class _Partner:
         self.paths = (env.event_id, env.user_id, env.event_time)
         self.max_bytes = env.max_payload_bytes
         self.max_nesting = env.max_nesting
+        self.tables: dict[str, str] = {"": self.table}  # flattener sub-table path -> warehouse table name
+
+    def table_of(self, sub: str) -> str:
+        name = self.tables[sub] = f"{self.table}__{sub}"
+        return name
 
 
 class BatchProcessor:
@@ -150,9 +157,11 @@ class BatchProcessor:
                         step=FLATTEN_STEP, event_time_us=t_us, processing_time_us=now_us))
                     continue
                 py_flat += flattener.python_events - before
-            table = pc.table
-            trows = [TableRow(msg.partner, table if not sub else f"{table}__{sub}", row_id, event_id, t_us, cols,
-                              types) for sub, row_id, cols, types in ev_rows]
+            tables = pc.tables
+            partner = msg.partner
+            # tuple.__new__: a NamedTuple's own __new__ is a Python function (~0.5 us per event at 2.5 rows)
+            trows = [new_tuple(TableRow, (partner, tables[sub] if sub in tables else pc.table_of(sub), row_id,
+                                          event_id, t_us, cols, types)) for sub, row_id, cols, types in ev_rows]
             if not keep_rows:
                 rows += trows
             aggs: list = []

@@ -3,42 +3,47 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-__all__ = ["split_lines"]
+__all__ = ["split_lines", "split_line_chunks"]
 
 _CHUNK = 1 << 20
 
 
-def split_lines(fh, max_bytes: int) -> Iterator[tuple[int, Optional[bytes], int]]:
-    """Yield (lineno, line without EOL, size); line is None when longer than max_bytes (never held whole)."""
+def split_line_chunks(fh, max_bytes: int) -> Iterator[tuple[int, list]]:
+    """Yield ``(number of the first line, items)`` per read of ``fh``: an item is a raw line (bytes without its
+    "\n"; a "\r" before it is kept) or, for a line longer than ``max_bytes``, its size (an int; such a line
+    is never held whole). Lines are split per read with ``bytes.split``, not one ``find`` per line."""
     buf = b""
-    lineno = 0
+    lineno = 1  # the number of the next line
     skipping = 0  # >0 while discarding an over-long line: bytes seen so far
     while True:
         chunk = fh.read(_CHUNK)
         if not chunk:
             break
-        buf += chunk
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            lineno += 1
+        parts = (buf + chunk).split(b"\n") if buf else chunk.split(b"\n")
+        buf = parts.pop()  # the unterminated tail
+        if parts:
+            first = None
             if skipping:
-                yield lineno, None, skipping + nl - start
-                skipping = 0
-            elif nl - start > max_bytes:
-                yield lineno, None, nl - start
-            else:
-                yield lineno, buf[start:nl].rstrip(b"\r"), nl - start
-            start = nl + 1
-        buf = buf[start:]
+                first, skipping = skipping + len(parts[0]), 0
+            if max(map(len, parts)) > max_bytes:
+                parts = [p if len(p) <= max_bytes else len(p) for p in parts]
+            if first is not None:
+                parts[0] = first
+            yield lineno, parts
+            lineno += len(parts)
         if len(buf) > max_bytes:
             skipping += len(buf)
             buf = b""
     if skipping or buf:
-        lineno += 1
-        if skipping or len(buf) > max_bytes:
-            yield lineno, None, skipping + len(buf)
-        else:
-            yield lineno, buf.rstrip(b"\r"), len(buf)
+        yield lineno, [skipping + len(buf) if skipping or len(buf) > max_bytes else buf]
+
+
+def split_lines(fh, max_bytes: int) -> Iterator[tuple[int, Optional[bytes], int]]:
+    """Yield (lineno, line without EOL, size); line is None when longer than max_bytes (never held whole)."""
+    for lineno, items in split_line_chunks(fh, max_bytes):
+        for item in items:
+            if type(item) is int:
+                yield lineno, None, item
+            else:
+                yield lineno, item.rstrip(b"\r"), len(item)
+            lineno += 1

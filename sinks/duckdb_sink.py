@@ -17,7 +17,7 @@ from apache_beam.metrics import Metrics
 from flatten import live
 from flatten.options import SchemaMode
 from sinks import ledger
-from sinks.duckdb_store import DuckDBWarehouse, release_held
+from sinks.duckdb_store import DuckDBWarehouse, release_held, schema_epoch
 from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["WriteToDuckDB", "FLUSH_ROWS"]
@@ -61,6 +61,12 @@ class _HeldWarehouse(DuckDBWarehouse):
         self._con = None
         self._opened = 0.0
         self._last_close_s = 0.0  # wall time of the last close (its checkpoint)
+        # table -> schema, valid while this connection is open and no writer of this process changed a schema
+        # in the file (``schema_epoch``): no other process can change it meanwhile (the open connection holds
+        # DuckDB's file lock). Saves a statement per table per write (the writer thread then waits for the GIL
+        # after each statement: 5-10 % of its time at 1M events, bench/README.md "Fifth pass").
+        self._schemas: dict = {}
+        self._schemas_epoch = -1
 
     def hold_for(self) -> float:
         """How long the connection is kept from its opening: ``hold_s``, longer when closing is slow."""
@@ -79,7 +85,30 @@ class _HeldWarehouse(DuckDBWarehouse):
                 self._close()  # as the plain warehouse: a failed write leaves no connection behind
                 raise
 
+    def _schema_of(self, con, table: str):
+        if con is not self._con:
+            return super()._schema_of(con, table)
+        epoch = schema_epoch(self.path)
+        if epoch != self._schemas_epoch:
+            self._schemas, self._schemas_epoch = {}, epoch
+        schema = self._schemas.get(table)
+        if schema is None:
+            schema = super()._schema_of(con, table)
+            if schema is not None:
+                self._schemas[table] = schema
+        return schema
+
+    def _remember_schema(self, con, table: str, schema) -> None:
+        before = schema_epoch(self.path)
+        super()._remember_schema(con, table, schema)  # moves the epoch: the other writers' caches of this file drop
+        if con is self._con:
+            if before != self._schemas_epoch:  # another writer changed a schema since this cache was checked
+                self._schemas = {}
+            self._schemas[table] = schema
+            self._schemas_epoch = schema_epoch(self.path)
+
     def _close(self) -> None:
+        self._schemas = {}
         con, self._con = self._con, None
         if con is not None:
             t0 = time.monotonic()

@@ -138,6 +138,21 @@ class _Held:
 
 _HELD: dict[str, _Held] = {}
 
+#: path -> how many times a writer of this process changed a table's schema in that file: a writer that caches
+#: schemas between its statements (``sinks.duckdb_sink._HeldWarehouse``) drops its cache when this moves.
+_SCHEMA_EPOCHS: dict[str, int] = {}
+
+
+def schema_changed(path: str) -> None:
+    """Record that a writer of this process changed a table's schema in the file at ``path``."""
+    key = os.path.abspath(path)
+    with _LOCKS_GUARD:
+        _SCHEMA_EPOCHS[key] = _SCHEMA_EPOCHS.get(key, 0) + 1
+
+
+def schema_epoch(path: str) -> int:
+    return _SCHEMA_EPOCHS.get(os.path.abspath(path), 0)
+
 
 def _held_for(path: str) -> _Held:
     key = os.path.abspath(path)
@@ -278,6 +293,7 @@ class DuckDBWarehouse:
         return schema
 
     def _remember_schema(self, con, table: str, schema: TableSchema) -> None:
+        schema_changed(self.path)
         held = self._held
         if held is not None and held.con is con:
             held.schemas[table] = schema

@@ -246,3 +246,54 @@ def test_held_writer_checkpoints_at_its_own_wal_threshold(tmp_path):
     assert duckdb_sink.CHECKPOINT_THRESHOLD == "64MB" and got == "61.0 MiB", got  # DuckDB shows 64 MB in MiB
     wh.release()
     assert _counts_in_other_process(path) == {"t": (20, 20), "t__accounts": (40, 40)}
+
+
+def _evolving_rows(i: int, extra: str) -> list:
+    """One event whose main row has a column ``extra`` (a new attribute: the schema evolves)."""
+    ff = FastFlattener(FlattenOptions())
+    doc = orjson.dumps({"event": {"id": f"x{i}"}, extra: i})
+    return [TableRow("acme", "t" if not sub else f"t__{sub}", row_id, f"x{i}", T0 + i, cols, types)
+            for sub, row_id, cols, types in ff.rows_python(doc, f"x{i}", "u", T0 + i)]
+
+
+def test_held_writer_reads_a_tables_schema_once_per_connection(tmp_path, monkeypatch):
+    loads = []
+    real = DuckDBWarehouse._load_schema
+    monkeypatch.setattr(DuckDBWarehouse, "_load_schema",
+                        staticmethod(lambda con, table: loads.append(table) or real(con, table)))
+    wh = _warehouse(tmp_path / "w.duckdb", duckdb_sink._HeldWarehouse, hold_s=3600)
+    for k in range(5):
+        assert wh.write_rows(_rows(20, start=20 * k)) == []
+    # once per table while the connection is open (the first write creates both tables: nothing to load then)
+    assert sorted(loads) == ["t", "t__accounts"]
+    wh.release()
+    wh.write_rows(_rows(20, start=100))
+    assert sorted(loads) == ["t", "t", "t__accounts", "t__accounts"]  # a new connection reads them again
+    wh.release()
+    assert _counts_in_other_process(tmp_path / "w.duckdb") == {"t": (120, 120), "t__accounts": (240, 240)}
+
+
+def test_two_held_writers_in_one_process_see_each_others_schema_changes(tmp_path):
+    """Two writers of one file in one process (two instances of the sink's DoFn) both cache schemas: a column one
+    of them adds must not be added again, nor lost, by the other."""
+    path = tmp_path / "w.duckdb"
+    a = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=3600)
+    b = _warehouse(path, duckdb_sink._HeldWarehouse, hold_s=3600)
+    assert a.write_rows(_rows(3)) == [] and b.write_rows(_rows(3, start=3)) == []  # both cached the schema
+    assert a.write_rows(_evolving_rows(1, "new_a")) == []  # a adds new_a
+    assert b.write_rows(_evolving_rows(2, "new_b")) == []  # b must add new_b to the schema that has new_a
+    assert a.write_rows(_evolving_rows(3, "new_a") + _evolving_rows(4, "new_b")) == []
+    a.release()
+    b.release()
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        cols = {r[0] for r in con.execute("DESCRIBE t").fetchall()}
+        assert {"new_a", "new_b"} <= cols
+        assert con.execute("SELECT count(*), count(new_a), count(new_b) FROM t").fetchone() == (10, 2, 2)
+        latest = con.execute("SELECT schema_json FROM _headwater_schemas WHERE table_name = 't' "
+                             "ORDER BY version DESC LIMIT 1").fetchone()[0]
+        assert {"new_a", "new_b"} <= {c["name"] for c in orjson.loads(latest)["columns"]}
+    finally:
+        con.close()
