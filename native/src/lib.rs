@@ -8,7 +8,9 @@
 //! * the rare, Unicode-heavy decisions call the Python functions themselves
 //!   (`normalize_key` on a name-cache miss, `parse_timestamp` for strings that
 //!   look like dates but are not in the strict fast forms, `_canonical_bytes`
-//!   for tokenizing non-ASCII strings and floats, `repr` for redacting floats).
+//!   for tokenizing non-ASCII strings and floats, `repr` for redacting floats,
+//!   `Flattener.column_override` for the per-column timestamp options' rare
+//!   values: strings not in the strict forms, epochs of 1e17 and more).
 //!
 //! Everything it is built from is public Python interface: `Masker.rules()`, `flatten.mask.canonical_bytes`,
 //! `flatten.names.normalize_key`, `flatten.infer.parse_timestamp`, `Flattener.column_override`.
@@ -216,7 +218,8 @@ impl NativeFlattener {
     /// `mask_rules`: `Masker.rules()` as `[(name tokens (None for '*'), policy, keep_last, per_element)]`.
     #[new]
     /// `timestamp_columns`/`no_timestamp_columns` as in FlattenOptions; for those columns scalar values are
-    /// decided by `percol_scalar(value, name, table) -> (value, type) | None` (the Python Flattener's own rule).
+    /// decided by `percol_scalar(value, name, table) -> (value, type) | None` (the Python Flattener's own rule,
+    /// `Flattener.column_override`), reproduced here for the common cases (`percol_native`).
     #[pyo3(signature = (max_depth, scalar_child, detect_timestamps, mask_rules, mask_key, normalize_key, parse_timestamp,
                         canonical_bytes, timestamp_columns=Vec::new(), no_timestamp_columns=Vec::new(), percol_scalar=None))]
     #[allow(clippy::too_many_arguments)]
@@ -678,7 +681,7 @@ impl NativeFlattener {
         }
     }
 
-    /// `Flattener._percol_scalar` itself (rare: only configured columns), via the Python callback.
+    /// `Flattener.column_override` itself, via the Python callback: for what `percol_native` leaves to it.
     fn percol(&self, py: Python<'_>, v: &V, name: &str, site: usize) -> R<Option<(String, &'static str)>> {
         let f = self.percol_scalar.as_ref().ok_or(Decline::Callback)?;
         let pv: Bound<'_, PyAny> = match v {
@@ -787,9 +790,14 @@ impl NativeFlattener {
     fn value(&mut self, py: Python<'_>, name: &str, v: &V, site: usize, row: &mut OutRow, row_id: &str, ctx: &mut Ctx) -> R<()> {
         if self.percol_scalar.is_some() && matches!(v, V::Str(_) | V::Int(_) | V::UInt(_) | V::Float(_)) {
             let table = &self.sites[site].table;
-            let full = if table.is_empty() { name.to_owned() } else { format!("{table}__{name}") };
-            if self.ts_cols.contains(&full) || self.no_ts_cols.contains(&full) {
-                if let Some((val, t)) = self.percol(py, v, name, site)? {
+            let full: Cow<str> = if table.is_empty() { Cow::Borrowed(name) } else { Cow::Owned(format!("{table}__{name}")) };
+            let ts_col = self.ts_cols.contains(&*full);
+            if ts_col || self.no_ts_cols.contains(&*full) {
+                let r = match percol_native(v, ts_col) {
+                    Some(r) => r,
+                    None => self.percol(py, v, name, site)?.map(|(val, t)| (Cow::Owned(val), t)),
+                };
+                if let Some((val, t)) = r {
                     row.key(name, t);
                     write_str(&mut row.cols, &val);
                     return Ok(());
@@ -1238,6 +1246,40 @@ fn resolve_collisions(keys: &[&str], norm: &mut [String]) {
     }
 }
 
+/// `Flattener.column_override` for a scalar `v` of a configured column (`ts_col`: a timestamp column, else a
+/// no-timestamp column), decided here for the common cases: `Some(answer)` (`None` as the answer: not decided by
+/// the option, stored by its own type), or None: ask the Python callback. Native: strings in the strict ISO forms
+/// (`ts::parse_fast`; a DATE becomes midnight UTC), integer epochs below 1e17 (exact), finite float epochs below
+/// 1e17, and everything in a no-timestamp column. Left to Python: other strings (offsets, spaces, non-ASCII ...),
+/// u64 integers beyond i64 and |epochs| >= 1e17 (Python divides those as floats).
+fn percol_native<'v>(v: &'v V, ts_col: bool) -> Option<Option<(Cow<'v, str>, &'static str)>> {
+    if !ts_col {
+        // no_timestamp_columns: a string is a STRING as it is; any other value is stored by its own type
+        return Some(match v {
+            V::Str(s) => Some((Cow::Borrowed(&**s), "STRING")),
+            _ => None,
+        });
+    }
+    let us = match v {
+        V::Str(s) => {
+            return match ts::parse_fast(s) {
+                ts::Fast::Yes(mut d, "DATE") => {
+                    d.push_str("T00:00:00.000000Z");
+                    Some(Some((Cow::Owned(d), "TIMESTAMP")))
+                }
+                ts::Fast::Yes(t, kind) => Some(Some((Cow::Owned(t), kind))),
+                ts::Fast::Ask => None,
+            }
+        }
+        V::Int(i) => ts::epoch_int_us(*i as i128)?,
+        V::UInt(u) => ts::epoch_int_us(*u as i128)?,
+        V::Float(f) => ts::epoch_float_us(*f)?,
+        _ => return Some(None),
+    };
+    // out of years 1..9999: Python's OverflowError, i.e. not a timestamp (stored by its own type)
+    Some(ts::event_time(us).map(|t| (Cow::Owned(t), "TIMESTAMP")))
+}
+
 /// Test hooks: the writer's float text and the timestamp fast path (None = would ask Python).
 #[pyfunction]
 fn _format_float(f: f64) -> String {
@@ -1259,12 +1301,28 @@ fn _event_time(us: i64) -> Option<String> {
     ts::event_time(us)
 }
 
+/// `epoch_to_timestamp` as the per-column path decides it: `(True, answer)` when decided natively, else
+/// `(False, None)` (the Python callback decides). Ints beyond i128 raise OverflowError.
+#[pyfunction]
+fn _epoch_timestamp_fast(v: &Bound<'_, PyAny>) -> PyResult<(bool, Option<String>)> {
+    let us = if v.is_instance_of::<PyFloat>() {
+        ts::epoch_float_us(v.extract()?)
+    } else {
+        ts::epoch_int_us(v.extract::<i128>()?)
+    };
+    Ok(match us {
+        Some(us) => (true, ts::event_time(us)),
+        None => (false, None),
+    })
+}
+
 #[pymodule]
 fn headwater_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeFlattener>()?;
     m.add_function(wrap_pyfunction!(_format_float, m)?)?;
     m.add_function(wrap_pyfunction!(_parse_timestamp_fast, m)?)?;
     m.add_function(wrap_pyfunction!(_event_time, m)?)?;
+    m.add_function(wrap_pyfunction!(_epoch_timestamp_fast, m)?)?;
     m.add("ABI_VERSION", 2)?;
     Ok(())
 }

@@ -183,3 +183,40 @@ pub fn iso_z_to_us(s: &str) -> Option<i64> {
     let frac: i64 = t[20..26].parse().ok()?;
     Some(secs * 1_000_000 + frac)
 }
+
+/// Microseconds of an integer epoch, unit by magnitude (`flatten.infer.epoch_to_timestamp`: < 1e11 seconds,
+/// < 1e14 milliseconds, < 1e17 microseconds), exact in i128; None from 1e17 on (nanoseconds: Python divides
+/// as a float there, so Python decides).
+pub fn epoch_int_us(v: i128) -> Option<i64> {
+    let a = v.unsigned_abs();
+    let us = if a < 100_000_000_000 {
+        v * 1_000_000
+    } else if a < 100_000_000_000_000 {
+        v * 1_000
+    } else if a < 100_000_000_000_000_000 {
+        v
+    } else {
+        return None;
+    };
+    i64::try_from(us).ok() // |us| < 1e17
+}
+
+/// The same for a float epoch: Python's `v * 1_000_000` / `v * 1_000` / `v` (f64 arithmetic) truncated toward
+/// zero like `int()`; None for non-finite values and from 1e17 on (Python decides).
+pub fn epoch_float_us(v: f64) -> Option<i64> {
+    if !v.is_finite() {
+        return None;
+    }
+    let a = v.abs();
+    let us = if a < 1e11 {
+        v * 1_000_000.0
+    } else if a < 1e14 {
+        v * 1_000.0
+    } else if a < 1e17 {
+        v
+    } else {
+        return None;
+    };
+    // |us| <= 1e17 (a product may round up to it): exactly representable in i64 after truncation
+    Some(us.trunc() as i64)
+}

@@ -10,6 +10,7 @@ These tests FAIL when the module is not built (``./hw`` builds it); set
 ``HEADWATER_NO_NATIVE=1`` to skip them explicitly on a machine without Rust.
 """
 import json
+import math
 import os
 import random
 import re
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from flatten import fast
 from flatten.core import Flattener
-from flatten.infer import parse_timestamp
+from flatten.infer import epoch_to_timestamp, parse_timestamp
 from flatten.mask import DEV_KEY
 from flatten.options import ColumnAnnotation, FlattenOptions
 from tests.flatten.test_properties import TRICKY_KEYS, deep_values, json_values, keys, large_arrays
@@ -431,3 +432,146 @@ def test_native_equals_python_under_shape_drift(doc, opts):
         assert env == tree._nf.envelope(payload, 32, "id", "user.id", "timestamp")
         if env is not None:
             assert env[3] == orjson.dumps(streamed.masker.mask_doc(orjson.loads(payload)))
+
+
+# ------------------------------------------------------------------ per-column timestamp options, natively
+
+def _around(x: float) -> list:
+    """``x`` and its neighbours, as ints and as floats, both signs."""
+    ints = [int(x) - 1, int(x), int(x) + 1]
+    floats = [math.nextafter(x, 0.0), x, math.nextafter(x, math.inf), x - 0.5, x + 0.5]
+    return [s * v for v in ints + floats for s in (1, -1)]
+
+
+Y1_S = -62_135_596_800  # 0001-01-01T00:00:00Z in seconds (the first microsecond of year 1)
+Y10000_S = 253_402_300_800  # 10000-01-01T00:00:00Z in seconds (one past the last microsecond of year 9999)
+#: values the native side decides itself in a timestamp column (and, like every value, in a no-timestamp column)
+PERCOL_COMMON = [
+    "2026-03-01T12:34:56Z", "2026-03-01T12:34:56.5Z", "2026-03-01T12:34:56.12Z", "2026-03-01T12:34:56.123Z",
+    "2026-03-01T12:34:56.1234Z", "2026-03-01T12:34:56.12345Z", "2026-03-01T12:34:56.123456Z", "2026-03-01T00:00:00Z",
+    "2026-03-01", "2024-02-29", "0001-01-01", "9999-12-31", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z",
+    0, 1, -1, 7, 1_767_323_045, 1_767_323_045_123, 1_767_323_045_123_456, -1_767_323_045_123_456,
+    99_999_999_999, 100_000_000_000, 99_999_999_999_999, 100_000_000_000_000, 10**17 - 1, -(10**17 - 1),
+    Y1_S, Y1_S - 1, Y1_S * 1_000, Y1_S * 1_000 - 1, Y1_S * 1_000_000, Y1_S * 1_000_000 - 1, Y1_S + 1, Y1_S * 1000 + 1,
+    -99_999_999_999, -62_167_219_200, -62_167_219_200_000,  # year 0: out of range, stored by its own type
+    0.0, 0.1, 1.5, -1.5, 1e-7, -1e-7, 2.5e-7, 1_767_323_045.123456, 1_767_323_045_123.5, 1.7673230451234568e15,
+    9.999999999999998e16, -9.999999999999998e16, Y1_S + 0.0, Y1_S - 0.5, Y1_S - 1e-6, Y1_S * 1000.0 - 0.25,
+    Y1_S * 1e6, Y1_S * 1e6 - 1.0, 5e-324, 123.456e-300,
+    *[v for v in _around(1e11) + _around(1e14) if abs(v) < 1e17],
+    *_around(1e17)[:2], *[v for v in _around(1e17)[6:] if abs(v) < 1e17],  # 1e17 - 1 (int) and just under 1e17
+    True, False,
+]
+#: values left to the Python callback in a timestamp column
+PERCOL_RARE = [
+    "2026-03-01T12:34:56+02:00", "2026-03-01T12:34:56-05:30", "2026-03-01 12:34:56", "2026-03-01T12:34:56",
+    "2026-03-01t12:34:56z", "2026-03-01T12:34:56.1234567Z", "2026-03-01T12:34:56,5Z", "2026-03-01T12:34Z",
+    "2026-02-29", "2026-13-01", "0000-01-01", "0000-12-31T23:59:59Z", "2026-03-01T24:00:00Z", "2026-03-01T12:34:60Z",
+    "２０２６-03-01", "not a time", "", "x" * 30, "2026-03-01T12:34:56.Z",
+    10**17, -(10**17), 10**17 + 1, 1e17, -1e17, math.nextafter(1e17, math.inf), 1.5e17, 1.7e18, 1e300, -1e300,
+    Y10000_S * 1e9, Y10000_S * 1e9 - 1e6, Y1_S * 1e9, 2**63 - 1, -(2**63), 2**63, 2**64 - 1,
+]
+#: beyond i64/u64 (the parser declines the event: Python flattens it), e.g. nanoseconds around years 1 and 10000
+PERCOL_PYTHON_ONLY = [2**64, -(2**64), 10**25, Y10000_S * 10**9, Y10000_S * 10**9 - 1_000, Y1_S * 10**9,
+                      Y1_S * 10**9 - 1_000]
+PERCOL_TS = ("t", "ev__at", "items__at", "vals__value")
+PERCOL_NO_TS = ("n", "items__n", "ev__at", "vals__value")  # (ev__at, vals__value: in both, the timestamp rule wins)
+PERCOL_OPTIONS = [
+    FlattenOptions(timestamp_columns=PERCOL_TS, no_timestamp_columns=PERCOL_NO_TS, scalar_arrays="child"),
+    FlattenOptions(timestamp_columns=PERCOL_TS, no_timestamp_columns=PERCOL_NO_TS, detect_timestamps=False),
+    FlattenOptions(timestamp_columns=("n", "items__n"), no_timestamp_columns=PERCOL_TS, scalar_arrays="child",
+                   max_depth=3),
+]
+
+
+def _percol_doc(v) -> dict:
+    return {"t": v, "ev": {"at": v, "x": 1}, "items": [{"at": v, "n": v}, {"at": v}], "n": v, "vals": [v, v],
+            "other": v}
+
+
+@pytest.fixture
+def column_override_calls(monkeypatch):
+    """Counts calls of ``Flattener.column_override`` (the native side's callback is that bound method)."""
+    calls = [0]
+    orig = Flattener.column_override
+
+    def counting(self, v, name, table):
+        calls[0] += 1
+        return orig(self, v, name, table)
+
+    monkeypatch.setattr(Flattener, "column_override", counting)
+    return calls
+
+
+@pytest.mark.parametrize("opts", PERCOL_OPTIONS)
+def test_native_percol_equals_python(opts, column_override_calls):
+    """Timestamp / no-timestamp columns (main table, nested object, child tables, scalar child rows): rows
+    identical to the Python path on every native path, and the common values (strict ISO strings, integer and
+    finite float epochs under 1e17, anything in a no-timestamp column) decided without calling back."""
+    paths = both_paths(opts, ())
+    kinds = [(v, "common") for v in PERCOL_COMMON] + [(v, "rare") for v in PERCOL_RARE] + \
+        [(v, "python") for v in PERCOL_PYTHON_ONLY]
+    for v, kind in kinds:
+        payload = encode(_percol_doc(v), 0)
+        for ff in paths:
+            for _ in range(2):  # cold and warm caches
+                got = check(ff, payload, mask=False)
+                assert (got is None) == (kind == "python"), v
+            column_override_calls[0] = 0
+            ff._nf.process(payload, "evt-1", "user-1", ET, False)
+            if kind == "common":
+                assert column_override_calls[0] == 0, f"{v!r} called back into Python"
+            elif kind == "rare" and opts is PERCOL_OPTIONS[0]:
+                assert column_override_calls[0] > 0, f"{v!r} was expected to be left to Python"
+    # no-timestamp columns never call back: every value decided natively
+    ff = both_paths(FlattenOptions(no_timestamp_columns=("t", "ev__at", "items__at", "items__n", "n")), ())[0]
+    column_override_calls[0] = 0
+    for v in PERCOL_COMMON + PERCOL_RARE:
+        assert check(ff, encode(_percol_doc(v), 0), mask=False) is not None
+        column_override_calls[0] = 0
+        ff._nf.process(encode(_percol_doc(v), 0), "evt-1", "user-1", ET, False)
+        assert column_override_calls[0] == 0, v
+
+
+def test_native_percol_typical_event(column_override_calls):
+    """The example contract's case (acme's ``event__occurred_at``): no callback per event."""
+    from deploy.synth import acme_event
+
+    opts = FlattenOptions(timestamp_columns=("event__occurred_at", "customer__kyc__checked_at"),
+                          no_timestamp_columns=("customer__home__phone",))
+    ff = fast.FastFlattener(opts, use_native=True)
+    rng = random.Random(9)
+    for i in range(100):
+        payload = orjson.dumps(acme_event(i, rng))
+        want = ff.rows_python(payload, f"e{i}", "u", ET)
+        column_override_calls[0] = 0
+        assert ff._nf.process(payload, f"e{i}", "u", ET, False) == want
+        assert column_override_calls[0] == 0
+    assert b'"event__occurred_at":"TIMESTAMP"' in want[0][3]
+    assert b'"customer__kyc__checked_at":"TIMESTAMP"' in want[0][3]
+
+
+def test_native_percol_non_finite_and_bad_json():
+    """NaN/Infinity are not JSON: the Python path raises and the native side declines (never a row)."""
+    ff = fast.FastFlattener(PERCOL_OPTIONS[0], use_native=True)
+    for v in (math.nan, math.inf, -math.inf):
+        payload = json.dumps(_percol_doc(v)).encode()
+        assert check(ff, payload, mask=False) is None
+        assert ff._nf.process(payload, "e", "u", ET, False) is None
+
+
+EPOCH_EDGES = [v for x in (1e11, 1e14, 1e17) for v in _around(x)] + [
+    Y1_S, Y1_S - 1, Y1_S * 1000, Y1_S * 1000 - 1, Y1_S * 10**6, Y1_S * 10**6 - 1, Y1_S - 0.5, Y1_S * 1e6 - 1.0,
+    Y10000_S, Y10000_S - 1, Y10000_S * 1000, Y10000_S * 10**6 - 1, Y10000_S * 10**6, Y10000_S * 10**9,
+    math.nan, math.inf, -math.inf, 2**63, -(2**63), 2**64 - 1, 0.1, -0.1, 1e-7, -1e-7, 5e-324, 1.7976931348623157e308]
+
+
+@SETTINGS
+@given(st.one_of(st.sampled_from(EPOCH_EDGES), st.integers(-(2**66), 2**66), st.integers(-(10**17), 10**17),
+                 st.floats(), st.floats(-1e17, 1e17)))
+def test_epoch_fast_path_matches_python(v):
+    """The native epoch rule: decides every int / finite float under 1e17 exactly as ``epoch_to_timestamp``
+    (None = out of years 1..9999, Python's OverflowError), and leaves the rest (>= 1e17, NaN, inf) to Python."""
+    decided, got = native._epoch_timestamp_fast(v)
+    assert decided == (math.isfinite(v) and abs(v) < 1e17), v
+    if decided:
+        assert got == epoch_to_timestamp(v), v
