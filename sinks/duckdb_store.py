@@ -23,9 +23,12 @@ Tables
   * warehouses written before this keep their child tables' PRIMARY KEY; writes into them use
     ``INSERT OR IGNORE`` where a key could meet a stored one.
 - ``_partition`` (TIMESTAMP): the partition column truncated to the table's
-  granularity. DuckDB has no declarative partitions; rows are inserted in
-  ``_partition`` order so DuckDB's per-row-group min/max zone maps skip
-  unrelated row groups on ``WHERE _partition = ...`` filters. Clustering columns
+  granularity. DuckDB has no declarative partitions; a write of at least a row group
+  (``ROW_GROUP_ROWS``) is inserted in ``_partition`` order so DuckDB's per-row-group
+  min/max zone maps skip unrelated row groups on ``WHERE _partition = ...`` filters
+  (smaller writes are not sorted: a row group holding several of them spans their whole
+  range whether each is sorted or not; time-ordered input fills row groups in order by
+  itself). Clustering columns
   are recorded in ``_headwater_tables`` (BigQuery applies them; DuckDB does not);
 - ``dead_letters``, ``aggregates``; ``_headwater_schemas`` keeps every version of
   every table schema (``headwater schema`` reads it).
@@ -603,13 +606,17 @@ class _Plan:
         return self._with(self.rows, [_with_id(orjson.loads(r.row), r.row_id) for r in self.rows], read_types)
 
     def run(self, con, mode: str, returned: Optional[list] = None, target: Optional[str] = None) -> None:
+        # Sorted by partition only when the write fills a row group: DuckDB's zone maps are per row group, and a
+        # row group of smaller sorted writes spans their whole range anyway (tested: 10,000-row sorted writes of
+        # 90 days' rows left every row group's min/max at the full 90 days). The sort was ~1/3 of the insert's CPU.
+        order = "_partition" if len(self.rows) >= ROW_GROUP_ROWS else None
         if self.recs is None:
-            _json_insert(con, self.table, self.rows, self.read_types, self.part, order_by="_partition",
+            _json_insert(con, self.table, self.rows, self.read_types, self.part, order_by=order,
                          mode=mode, returned=returned, target=target)
         elif not _arrow_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
-                               order_by="_partition", mode=mode, returned=returned, target=target):
+                               order_by=order, mode=mode, returned=returned, target=target):
             _bulk_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
-                         order_by="_partition", mode=mode, returned=returned, target=target)
+                         order_by=order, mode=mode, returned=returned, target=target)
 
 
 def _with_id(cols: dict, row_id: str) -> dict:
@@ -738,6 +745,10 @@ def _run_insert(con, table: str, cols: str, select: str, mode: Optional[str], re
                     f"WHERE NOT EXISTS (SELECT 1 FROM {into} AS l WHERE l._row_id = b._row_id)")
     else:
         raise ValueError(f"unknown insert mode {mode!r}")
+
+
+#: DuckDB's rows per row group (its zone maps' unit): a write this large is sorted by ``_partition``.
+ROW_GROUP_ROWS = 122_880
 
 
 def create_table_sql(table: str, keyed: bool) -> str:

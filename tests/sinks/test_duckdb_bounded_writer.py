@@ -297,3 +297,52 @@ def test_two_held_writers_in_one_process_see_each_others_schema_changes(tmp_path
         assert {"new_a", "new_b"} <= {c["name"] for c in orjson.loads(latest)["columns"]}
     finally:
         con.close()
+
+
+def test_only_writes_of_a_row_group_or_more_are_sorted_by_partition(tmp_path, monkeypatch):
+    """Sorting a write by ``_partition`` only narrows DuckDB's zone maps when the write fills a row group; smaller
+    writes are inserted as they come (the sort was a third of the insert's CPU)."""
+    selects = []
+    real = duckdb_store._run_insert
+
+    def spy(con, table, cols, select, *a):
+        selects.append((table, "ORDER BY" in select))
+        return real(con, table, cols, select, *a)
+
+    monkeypatch.setattr(duckdb_store, "_run_insert", spy)
+    wh = _warehouse(tmp_path / "w.duckdb")
+    wh.write_rows(_rows(40))
+    assert selects and not any(sorted_ for _, sorted_ in selects)
+    selects.clear()
+    monkeypatch.setattr(duckdb_store, "ROW_GROUP_ROWS", 60)  # 60 main rows, 120 child rows
+    wh.write_rows(_rows(60, start=40))
+    assert sorted(selects) == [("t", True), ("t__accounts", True)]
+    assert _counts_in_other_process(tmp_path / "w.duckdb") == {"t": (100, 100), "t__accounts": (200, 200)}
+
+
+def test_a_large_sorted_write_gives_row_groups_narrow_partition_ranges(tmp_path):
+    """What the sort is kept for: one write of two row groups of rows from two days in random order becomes row
+    groups whose zone maps hold one day each (so ``WHERE _partition = ...`` skips the other)."""
+    import duckdb
+
+    n = 2 * duckdb_store.ROW_GROUP_ROWS
+    day = 86_400_000_000
+    ff = FastFlattener(FlattenOptions())
+    rows = []
+    for i in range(n):
+        t = T0 + (i % 2) * day + i  # alternating days
+        for sub, row_id, cols, types in ff.rows_python(orjson.dumps({"v": i}), f"e{i}", "u", t):
+            rows.append(TableRow("acme", "t", row_id, f"e{i}", t, cols, types))
+    wh = _warehouse(tmp_path / "w.duckdb")
+    assert wh.write_rows(rows[:1]) == []  # creates the table (its first row: day one), so the rest is one statement
+    assert wh.write_rows(rows[1:]) == []
+    con = duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True)
+    try:
+        stats = con.execute("SELECT row_group_id, min(stats), max(stats) FROM pragma_storage_info('t') "
+                            "WHERE column_name = '_partition' AND segment_type <> 'VALIDITY' GROUP BY 1").fetchall()
+    finally:
+        con.close()
+    assert len(stats) >= 2
+    first, last = stats[0][1], stats[-1][2]
+    assert "2025-12-01" in first and "2025-12-02" not in first  # the first row group: the first day only
+    assert "2025-12-02" in last
