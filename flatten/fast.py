@@ -129,12 +129,19 @@ class FastFlattener:
         return [(r.table, r.row_id, dumps(r.columns), dumps(r.types))
                 for r in self.flattener.flatten(doc, event_id=event_id, user_id=user_id, event_time_us=event_time_us)]
 
-    def native_event(self, payload: bytes, id_path: str, user_path: str, time_path: str) -> Optional[tuple]:
+    def native_event(self, payload: bytes, id_path: str, user_path: str, time_path: str,
+                     want: Optional[tuple] = None) -> Optional[tuple]:
         """Native parse + mask + envelope + flatten for the common envelope shapes:
-        ``(event_id, user_id, event_time_us, rows)``, or None (declined / not built: use the Python path)."""
+        ``(event_id, user_id, event_time_us, rows)``, or None (declined / not built: use the Python path).
+
+        With ``want`` (a tuple of main-row column names) a 5th element: the tuple of their values, each exactly
+        ``orjson.loads(main_row_columns).get(name)``, or None when the native side cannot tell them exactly
+        (then load the main row)."""
         if self._nf is None:
             return None
-        return self._nf.process_event(payload, id_path, user_path, time_path)
+        if want is None:
+            return self._nf.process_event(payload, id_path, user_path, time_path)
+        return self._nf.process_event(payload, id_path, user_path, time_path, want)
 
     def native_envelope_fn(self) -> Any:
         """The bound native ``envelope(payload, max_nesting, id_path, user_path, time_path)`` (parse + depth check +
@@ -145,7 +152,8 @@ class FastFlattener:
 
     @property
     def native_event_fn(self) -> Any:
-        """The bound native ``process_event`` (hot loops: saves a Python frame per event), or None."""
+        """The bound native ``process_event`` (hot loops: saves a Python frame per event), or None; its optional
+        5th argument is :meth:`native_event`'s ``want``."""
         return None if self._nf is None else self._nf.process_event
 
     def stats(self) -> dict:

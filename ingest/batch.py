@@ -13,7 +13,9 @@ result is exactly what ``ParseEnvelope`` followed by ``FlattenEvents`` produce f
   step names in them (``ParseEnvelope``, ``FlattenEvents``).
 
 Aggregate inputs are returned per accepted event as compact tuples (``Entry``), ready for the
-bounded dedup + combine (``ingest.bounded``), with the values of the columns each aggregate reads.
+bounded dedup + combine (``ingest.bounded``), with the values of the columns each aggregate reads:
+on the fused path the native call returns them itself (``want``: the main-row values exactly as
+``orjson.loads(main_row).get(column)`` gives them), else (or when it cannot) the main row is loaded here.
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def metric_columns(spec) -> tuple[str, ...]:
 class _Partner:
     """Everything compiled for one partner (built once per worker)."""
 
-    def __init__(self, p: PartnerContract, key: bytes):
+    def __init__(self, p: PartnerContract, key: bytes, native_values: bool = True):
         env = p.envelope
         self.name = p.name
         self.table = p.table.name
@@ -88,6 +90,20 @@ class _Partner:
             fused = FastFlattener(p.flatten, p.columns, key).native_event_fn
         self.fused = fused
         self.paths = (env.event_id, env.user_id, env.event_time)
+        # the main-row columns the aggregates read (keys other than user_id, then metric columns), once each;
+        # per aggregate, the key's index in them (None: user_id) and the metric columns' indices (None: all,
+        # in order: the values tuple itself)
+        want: list[str] = []
+        for key_col, cols in self.aggs:
+            for c in ((key_col,) if key_col != "user_id" else ()) + cols:
+                if c not in want:
+                    want.append(c)
+        self.want = tuple(want)
+        self.agg_index = tuple(
+            (None if key_col == "user_id" else want.index(key_col),
+             None if cols == self.want else tuple(want.index(c) for c in cols))
+            for key_col, cols in self.aggs)
+        self.fused_args = (*self.paths, self.want) if self.aggs and native_values else self.paths
         self.max_bytes = env.max_payload_bytes
         self.max_nesting = env.max_nesting
         self.tables: dict[str, str] = {"": self.table}  # flattener sub-table path -> warehouse table name
@@ -103,10 +119,11 @@ class BatchProcessor:
     Not thread-safe (like the flatteners it holds): one per DoFn instance.
     """
 
-    def __init__(self, contract: Contract, keep_rows: bool = False):
+    def __init__(self, contract: Contract, keep_rows: bool = False, native_values: bool = True):
+        # native_values=False: aggregate inputs always from orjson.loads of the main row (tests compare)
         m = contract.masking
         key = contract_mask_key(m)  # Secret Manager (key_secret), env var, file or dev key
-        self._partners = {p.name: _Partner(p, key) for p in contract.partners}
+        self._partners = {p.name: _Partner(p, key, native_values) for p in contract.partners}
         self._refs = Masker([], key)  # keyed payload refs (hmac-sha256:), as ParseEnvelope makes them
         self._keep_rows = keep_rows
 
@@ -129,14 +146,17 @@ class BatchProcessor:
                     processing_time_us=now_us))
                 continue
             payload = msg.payload
-            out = None
+            out = vals = None
             if pc.fused is not None and len(payload) <= pc.max_bytes and \
                     payload.count(b"{") + payload.count(b"[") <= pc.max_nesting:
                 # Depth can only exceed max_nesting with more than max_nesting opening brackets; below
                 # that the fused call cannot accept what ParseEnvelope would dead-letter as too deep.
-                out = pc.fused(payload, *pc.paths)
+                out = pc.fused(payload, *pc.fused_args)
             if out is not None:
-                event_id, user_id, t_us, ev_rows = out
+                if len(out) == 5:  # with the aggregates' main-row values (None: not decoded natively)
+                    event_id, user_id, t_us, ev_rows, vals = out
+                else:
+                    event_id, user_id, t_us, ev_rows = out
             else:
                 py_env += 1
                 parsed = pc.parser.parse(msg, now_us)
@@ -165,7 +185,14 @@ class BatchProcessor:
             if not keep_rows:
                 rows += trows
             aggs: list = []
-            if pc.aggs:
+            if vals is not None:
+                for i, (k, idx) in enumerate(pc.agg_index):
+                    key = user_id if k is None else vals[k]
+                    if key is None or isinstance(key, (list, dict)):
+                        nokey += 1
+                        continue
+                    aggs.append((i, str(key), vals if idx is None else tuple([vals[j] for j in idx])))
+            elif pc.aggs:
                 main = loads(ev_rows[0][2])
                 for i, (key_col, cols) in enumerate(pc.aggs):
                     key = user_id if key_col == "user_id" else main.get(key_col)

@@ -418,7 +418,7 @@ fn esc_mask(x: u64) -> u64 {
 
 /// The offset of the first byte at or after `i` that is < 0x20, '"' or '\\', or `b.len()`.
 #[inline(always)]
-fn find_special(b: &[u8], mut i: usize) -> usize {
+pub(crate) fn find_special(b: &[u8], mut i: usize) -> usize {
     let n = b.len();
     while i + 8 <= n {
         let m = esc_mask(u64::from_le_bytes(b[i..i + 8].try_into().unwrap()));

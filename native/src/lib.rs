@@ -206,6 +206,11 @@ struct NativeFlattener {
     envelope_events: u64,
     envelope_declined: u64,
     streamed_envelopes: u64,
+    /// `process_event(want=...)`: events whose main-row values were decoded here / left to the caller
+    values_events: u64,
+    values_declined: u64,
+    /// the last `want` tuple of `process_event` and its names (a partner passes the same tuple every time)
+    want_cache: Option<(Py<PyTuple>, Vec<String>)>,
     /// a streaming name cache is over its bound: trim before the next event
     trim_due: bool,
     /// try the one-pass streaming path first (stream.rs)
@@ -284,6 +289,9 @@ impl NativeFlattener {
             envelope_events: 0,
             envelope_declined: 0,
             streamed_envelopes: 0,
+            values_events: 0,
+            values_declined: 0,
+            want_cache: None,
             trim_due: false,
             streaming: true,
             declines: FxHashMap::default(),
@@ -325,6 +333,12 @@ impl NativeFlattener {
     /// Parse + mask + envelope (dotted paths, as `ingest.envelope.lookup_path`) + flatten.
     /// Only the common envelope shapes: string/int ids, event time as `YYYY-MM-DDTHH:MM:SS[.f]Z` in 1970..2200;
     /// anything else declines. Returns `(event_id, user_id, event_time_us, rows)` or None.
+    ///
+    /// With `want` (a tuple of main-row column names), a 5th element: the tuple of those columns' values, each
+    /// exactly `orjson.loads(main_row_columns).get(name)` (None when absent), decoded from the serialized main
+    /// row itself; or None instead of the tuple when that cannot be done exactly here (the main row is not
+    /// first, the row holds something the parser declines: the caller then runs `orjson.loads`).
+    #[pyo3(signature = (payload, id_path, user_path, time_path, want=None))]
     fn process_event<'py>(
         &mut self,
         py: Python<'py>,
@@ -332,6 +346,7 @@ impl NativeFlattener {
         id_path: &str,
         user_path: &str,
         time_path: &str,
+        want: Option<&Bound<'py, PyTuple>>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let mut ids = (String::new(), String::new(), 0i64);
         let streamed =
@@ -359,17 +374,33 @@ impl NativeFlattener {
             ids = (eid, uid, us);
             Ok(rows)
         })();
+        let values = match (want, &r) {
+            (Some(w), Ok(rows)) => {
+                let v = match rows.first() {
+                    Some(main) if main.table.is_empty() => self.main_values(py, &main.cols, w)?,
+                    _ => None,
+                };
+                if v.is_some() {
+                    self.values_events += 1;
+                } else {
+                    self.values_declined += 1;
+                }
+                Some(v.map_or_else(|| py.None().into_bound(py), |t| t.into_any()))
+            }
+            _ => None,
+        };
         match self.finish(py, r)? {
             None => Ok(None),
-            Some(rows) => Ok(Some(PyTuple::new(
-                py,
-                [
+            Some(rows) => {
+                let mut items = vec![
                     PyString::new(py, &ids.0).into_any(),
                     PyString::new(py, &ids.1).into_any(),
                     ids.2.into_pyobject(py)?.into_any(),
                     rows.into_any(),
-                ],
-            )?)),
+                ];
+                items.extend(values);
+                Ok(Some(PyTuple::new(py, items)?))
+            }
         }
     }
 
@@ -444,6 +475,8 @@ impl NativeFlattener {
         d.set_item("envelope_events", self.envelope_events)?;
         d.set_item("envelope_declined", self.envelope_declined)?;
         d.set_item("streamed_envelopes", self.streamed_envelopes)?;
+        d.set_item("values_events", self.values_events)?;
+        d.set_item("values_declined", self.values_declined)?;
         let dec = pyo3::types::PyDict::new(py);
         for (k, v) in &self.declines {
             dec.set_item(*k, *v)?;
@@ -476,6 +509,132 @@ fn lookup<'a, 'b>(doc: &'b V<'a>, path: &str) -> Option<&'b V<'a>> {
         };
     }
     Some(cur)
+}
+
+/// The values of the members named `names` in a row's columns JSON `b` as the row writer makes it (compact, an
+/// object of scalar and list values, keys without escapes): the values read, and per name the index of its value
+/// in them (None where absent; a duplicate key's last value, as in a Python dict). The wanted values are read by
+/// `json::Parser` (orjson's reading, or a decline); the others are only stepped over. None when the bytes are not
+/// in that form or the parser declines a wanted value: the caller then runs `orjson.loads` itself.
+fn find_members<'a>(b: &'a [u8], names: &[String]) -> Option<(Vec<V<'a>>, Vec<Option<usize>>)> {
+    let n = b.len();
+    if n < 2 || b[0] != b'{' || b[n - 1] != b'}' {
+        return None;
+    }
+    let mut vals: Vec<V<'a>> = Vec::with_capacity(names.len());
+    let mut found: Vec<Option<usize>> = vec![None; names.len()];
+    if n == 2 {
+        return Some((vals, found));
+    }
+    let mut parser: Option<json::Parser<'a>> = None;
+    let mut i = 1;
+    loop {
+        // a key: `"name":`, no escapes (column names are [a-z0-9_])
+        if *b.get(i)? != b'"' {
+            return None;
+        }
+        let ks = i + 1;
+        let ke = json::find_special(b, ks);
+        if *b.get(ke)? != b'"' || *b.get(ke + 1)? != b':' {
+            return None;
+        }
+        let key = &b[ks..ke];
+        i = ke + 2;
+        let mut hit = false;
+        for (j, name) in names.iter().enumerate() {
+            if name.as_bytes() == key {
+                found[j] = Some(vals.len());
+                hit = true;
+            }
+        }
+        if hit {
+            if parser.is_none() {
+                parser = Some(json::Parser::new(b)?);
+            }
+            let p = parser.as_mut()?;
+            p.i = i;
+            vals.push(p.value()?);
+            i = p.i;
+        } else {
+            i = skip_value(b, i)?;
+        }
+        match *b.get(i)? {
+            b',' => i += 1,
+            b'}' if i == n - 1 => return Some((vals, found)),
+            _ => return None,
+        }
+    }
+}
+
+/// The offset just past the JSON value starting at `i` (valid JSON assumed, as the writer makes it: strings
+/// stepped over escape by escape, containers by depth); None at the end of the bytes or at a control byte.
+fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    loop {
+        match *b.get(i)? {
+            b'"' => {
+                i += 1;
+                loop {
+                    i = json::find_special(b, i);
+                    match *b.get(i)? {
+                        b'"' => break,
+                        b'\\' => i += 2,
+                        _ => return None,
+                    }
+                }
+            }
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' | b',' if depth == 0 => return Some(i),
+            b']' | b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+}
+
+/// `orjson.loads(cols).get(name)` for each of `names`, from a row's serialized columns (`find_members`: the
+/// object's members in order, a later duplicate key's value replacing an earlier one's, as in a Python dict),
+/// values built as orjson builds them (`py_value`); None when `find_members` cannot tell them exactly.
+fn row_values<'py>(py: Python<'py>, cols: &[u8], names: &[String]) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    if names.is_empty() {
+        return Ok(Some(PyTuple::empty(py)));
+    }
+    let Some((vals, found)) = find_members(cols, names) else { return Ok(None) };
+    let mut out = Vec::with_capacity(found.len());
+    for j in found {
+        out.push(match j {
+            Some(j) => py_value(py, &vals[j])?,
+            None => py.None().into_bound(py),
+        });
+    }
+    Ok(Some(PyTuple::new(py, out)?))
+}
+
+/// The Python object `orjson.loads` builds for a parsed value (dict keys in first-seen order, each with its
+/// last value: the parser's own duplicate rule).
+fn py_value<'py>(py: Python<'py>, v: &V) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        V::Null => py.None().into_bound(py),
+        V::Bool(b) => pyo3::types::PyBool::new(py, *b).to_owned().into_any(),
+        V::Int(i) => i.into_pyobject(py)?.into_any(),
+        V::UInt(u) => u.into_pyobject(py)?.into_any(),
+        V::Float(f) => PyFloat::new(py, *f).into_any(),
+        V::Str(s) => PyString::new(py, s).into_any(),
+        V::Arr(a) => {
+            let mut items = Vec::with_capacity(a.len());
+            for x in a {
+                items.push(py_value(py, x)?);
+            }
+            PyList::new(py, items)?.into_any()
+        }
+        V::Obj(o) => {
+            let d = pyo3::types::PyDict::new(py);
+            for (k, x) in o {
+                d.set_item(PyString::new(py, k), py_value(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
 }
 
 /// `ingest.envelope.nesting_depth`: depth of containers (an object is 1), counting stops past `limit`.
@@ -560,6 +719,24 @@ impl NativeFlattener {
                 Ok(Some(PyList::new(py, items)?))
             }
         }
+    }
+
+    /// `orjson.loads(cols).get(name)` for each name of `want` (a tuple of str), from a main row's serialized
+    /// columns (`row_values`); None when that cannot be done exactly here or `want` holds a non-str (the caller
+    /// then runs `orjson.loads` itself).
+    fn main_values<'py>(&mut self, py: Python<'py>, cols: &[u8], want: &Bound<'py, PyTuple>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let hit = matches!(&self.want_cache, Some((t, _)) if t.bind(py).is(want));
+        if !hit {
+            let mut names = Vec::with_capacity(want.len());
+            for x in want.iter() {
+                match x.downcast_exact::<PyString>().ok().and_then(|s| s.to_str().ok()) {
+                    Some(s) => names.push(s.to_owned()),
+                    None => return Ok(None),
+                }
+            }
+            self.want_cache = Some((want.clone().unbind(), names));
+        }
+        row_values(py, cols, &self.want_cache.as_ref().expect("want cached").1)
     }
 
     /// The shared bytes object for a row's types JSON (same shape and types, same object).
@@ -1296,6 +1473,12 @@ fn _parse_timestamp_fast(s: &str) -> Option<(String, String)> {
     }
 }
 
+/// `row_values` on any bytes (None: the caller would run `orjson.loads`).
+#[pyfunction]
+fn _row_values<'py>(py: Python<'py>, cols: &[u8], names: Vec<String>) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    row_values(py, cols, &names)
+}
+
 #[pyfunction]
 fn _event_time(us: i64) -> Option<String> {
     ts::event_time(us)
@@ -1322,6 +1505,7 @@ fn headwater_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_format_float, m)?)?;
     m.add_function(wrap_pyfunction!(_parse_timestamp_fast, m)?)?;
     m.add_function(wrap_pyfunction!(_event_time, m)?)?;
+    m.add_function(wrap_pyfunction!(_row_values, m)?)?;
     m.add_function(wrap_pyfunction!(_epoch_timestamp_fast, m)?)?;
     m.add("ABI_VERSION", 2)?;
     Ok(())

@@ -268,6 +268,108 @@ def test_streaming_path_serves_typical_events():
     assert s["envelope_events"] == s["streamed_envelopes"] == 50
 
 
+def _strict(v):
+    """A value with its exact type (1 != 1.0 != True) and float bits (0.0 != -0.0)."""
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, [_strict(x) for x in v])
+    if isinstance(v, dict):
+        return ("dict", [(k, _strict(x)) for k, x in v.items()])
+    return (type(v).__name__, repr(v))
+
+
+def check_values(ff, payload, extra=("absent", "_event_id", "_user_id", "_event_time")):
+    """``native_event(..., want)``: the 4-tuple as without ``want``, and as 5th element each wanted column's
+    value exactly as ``orjson.loads(main row).get(column)`` (every column of the main row asked, in reverse,
+    a duplicate name and absent ones)."""
+    plain = ff.native_event(payload, "id", "user.id", "timestamp")
+    if plain is None:
+        assert ff.native_event(payload, "id", "user.id", "timestamp", ("a",)) is None
+        return None
+    main = orjson.loads(plain[3][0][2])
+    want = tuple(reversed(main)) + extra + tuple(main)[:1]
+    got = ff.native_event(payload, "id", "user.id", "timestamp", want)
+    assert got[:4] == plain and len(got) == 5
+    assert _strict(got[4]) == _strict(tuple(main.get(c) for c in want))
+    assert ff.native_event(payload, "id", "user.id", "timestamp", ())[4] == ()
+    assert ff.native_event(payload, "id", "user.id", "timestamp", ("a", 1))[4] is None  # a non-str name
+    return got[4]
+
+
+def _row_values_ok(b: bytes, names):
+    """``_row_values`` (the scanner under ``native_event(..., want)``) is either None (the caller loads the row)
+    or exactly ``orjson.loads(b).get(name)`` for each name."""
+    got = native._row_values(b, list(names))
+    if got is not None:
+        doc = orjson.loads(b)
+        assert _strict(got) == _strict(tuple(doc.get(n) for n in names)), b
+    return got
+
+
+@SETTINGS
+@given(doc=st.dictionaries(st.sampled_from(["a", "b", "a_b", "x1", "\u00e9"]), json_values, max_size=6),
+       names=st.lists(st.sampled_from(["a", "b", "a_b", "x1", "\u00e9", "zz"]), max_size=6))
+def test_row_values_scanner_equals_orjson_loads(doc, names):
+    try:
+        b = orjson.dumps(doc)
+    except orjson.JSONEncodeError:  # integers beyond 64 bits
+        b = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    got = _row_values_ok(b, names)
+    if not _neg_zero_or_deep(doc) and not _big_int(b):
+        assert got is not None
+
+
+@pytest.mark.parametrize("b, names, exact", [
+    (b'{"a":1,"b":[1,{"c":"}\\""},"]"],"a":2.5}', ["a", "b", "a"], True),  # a duplicate key: the last value
+    (b'{"a":1,"b":[1,{"c":"}\\""},"]"],"a":2.5}', ["a"], True),  # ... after a value stepped over
+    (b'{"a":"x\\"\\\\","b":true,"c":null}', ["c", "a", "b"], True),
+    (b'{"a":{"n":[1,2]},"b":"2026-01-01"}', ["a", "b"], True),
+    (b'{}', ["a"], True), (b'{"a":1}', [], True),
+    (b'{"a":-0.0,"b":1}', ["b"], True),  # an unwanted -0.0 is only stepped over
+    (b'{"a":-0.0,"b":1}', ["a"], False),  # a wanted one: the parser declines (orjson decides)
+    (b'{"a":18446744073709551616}', ["a"], False),
+    (b'{"a": 1}', ["a"], False), (b'{"\\u0061":1}', ["a"], False),  # not the writer's form
+    (b'{"a":1', ["a"], False), (b'[1]', ["a"], False), (b'', ["a"], False), (b'{"a":1}}', ["a"], False),
+])
+def test_row_values_scanner_edges(b, names, exact):
+    if exact:
+        orjson.loads(b)  # valid JSON
+    assert (_row_values_ok(b, names) is not None) == exact
+
+
+@SETTINGS
+@given(doc=documents, opts=options, anns=st.lists(annotation, max_size=3), style=st.integers(0, 2),
+       uid=st.one_of(st.text(max_size=4), st.integers(-(2**63), 2**64 - 1)))
+def test_main_row_values_equal_orjson_loads(doc, opts, anns, style, uid):
+    """The aggregates' values (``ingest.batch``): any document, masked, both native paths."""
+    doc = {**doc, "id": "e-1", "user": {"id": uid}, "timestamp": "2026-03-01T12:34:56.789Z"}
+    payload = encode(doc, style)
+    for ff in both_paths(opts, anns):
+        for _ in range(2):  # cold and warm caches
+            check_values(ff, payload)
+
+
+def test_main_row_values_of_hostile_columns():
+    """Floats, NUMERIC strings, masked and dropped columns, JSON columns, lists, escapes, timestamps."""
+    vals = EDGE_FLOATS + [0.1, 1e308, -0.0, 2**63 - 1, -(2**63), 2**63 + 5, 2**64 - 1, 2**64 + 1, True, None, "",
+                          "q\"\\\n\x01\u00e9\U0001F600\u2028", [1, 2.5], [1, "a"], [[1]], [2**63 + 5, 1], ["a", None],
+                          {"x": {"y": {"z": {"w": [1, {"v": 2}]}}}}, "2026-03-01", "2026-03-01T00:00:00+02:00",
+                          ["2026-03-01", "2026-03-02"], "1780000000", {}, []]
+    anns = ANNOTATIONS + (ColumnAnnotation(path="tok", pii="tokenize"), ColumnAnnotation(path="red", pii="redact",
+                                                                                         keep_last=3),
+                          ColumnAnnotation(path="gone", pii="drop"))
+    opts = FlattenOptions(max_depth=3, timestamp_columns=("ts",))
+    seen = 0
+    for ff in both_paths(opts, anns):
+        for i, v in enumerate(vals):
+            doc = {**reference_event(i), "v": v, "tok": v, "red": v, "gone": v, "ts": v}
+            got = check_values(ff, encode(doc, 1 if isinstance(v, int) and abs(v) >= 2**63 else 0),
+                               extra=("v", "tok", "red", "gone", "ts", "v__x__y", "absent"))
+            seen += got is not None
+    assert seen >= 2 * (len(vals) - 2)  # only -0.0 and 2**64+1 decline (the Python path decides those)
+    s = ff.stats()
+    assert s["values_events"] == 2 * s["values_declined"] > 0  # per event: want and (), then ("a", 1)
+
+
 @pytest.mark.parametrize("payload, streams", [
     (b'{"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z","a":[{"b":1},null,{"c":[{"d":2}]}]}', True),
     (b'{"a":[{"b":1}],"id":"e","user":{"id":"u"},"timestamp":"2026-03-01T00:00:00Z"}', False),  # array before ids

@@ -1,6 +1,7 @@
 """BatchProcessor (one call per batch) equals ParseEnvelope + FlattenEvents (one call per record and step)."""
 from __future__ import annotations
 
+import json
 import random
 
 import orjson
@@ -183,3 +184,153 @@ def test_keep_rows_carries_each_events_rows_in_its_entry():
     plain = BatchProcessor(c).process(msgs, NOW)
     kept = BatchProcessor(c, keep_rows=True).process(msgs, NOW)
     assert kept.rows == [] and [r for e in kept.entries for r in e.rows] == plain.rows
+
+
+# ------------------------------------------------------------------ aggregate values from the native call
+
+#: metric columns of every kind a main row holds: float, str, masked (tokenize, hash, redact, drop), REPEATED,
+#: bool, int, a timestamp column, JSON columns (mixed arrays, nesting beyond max_depth), a free column ``m``
+#: taking hostile values, its flattened sub-column, and timestamp-looking strings (detected)
+_VALUE_COLS = ["transaction__amount", "event__channel", "customer__email", "customer__ssn", "customer__name",
+               "customer__segments", "customer__kyc__verified", "customer__kyc__level", "event__occurred_at",
+               "m", "m__x", "secret", "when", "deep__a__b__c", "absent_always"]
+
+#: values for ``m`` / ``secret`` / ``when``: nothing the main row could hold goes untried
+_HOSTILE = [None, 0, -5, 7, True, False, "", "plain", "x\"y\\\n\u0001\u00e9\U0001F600", 0.1, 1e308, -0.0, 1e-7,
+            5e-324, 123456789.123456789, 1e16, 1e15 + 0.5, -2.5e-300, 2 ** 63 - 1, -2 ** 63, 2 ** 63 + 5, 2 ** 64 - 1,
+            2 ** 64 + 1, 10 ** 30, {"x": 1}, {"x": [1, 2]}, {"x": None}, {}, [], [None], [1, 2], [1, 2.5], [1, "a"],
+            [[1], [2]], [{"k": 1}], [True, None, False], ["a", None, "b"], [0.1, 1e308], [2 ** 63 + 5, 1],
+            "2026-11-01T00:00:00Z", "2026-11-01", "2026-11-01T10:20:30.123456+02:00", "2026-13-45",
+            ["2026-11-01T00:00:00Z", "2026-11-02"], ["2026-11-01", "2026-11-02"], "1780000000", 1780000000,
+            1780000000.5, 1e17, "not a time", {"a": {"b": {"c": {"d": 1}}}}]
+
+
+def _values_contract():
+    agg = {"name": "vals", "windows": ["lifetime"],
+           "metrics": [{"name": "n", "fn": "count"}] +
+                      [{"name": f"v{i}", "fn": "latest", "column": c} for i, c in enumerate(_VALUE_COLS)]}
+    return parse_contract({
+        "warehouse": {"kind": "duckdb", "path": "unused.duckdb"},
+        "masking": {"key_env": "HW_TEST_BATCH_KEY", "allow_dev_key": True},
+        "partners": [
+            {"name": "acme", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
+             "envelope": {"event_id": "event.id", "user_id": "customer.id", "event_time": "event.occurred_at",
+                          "max_nesting": 20, "max_payload_bytes": 20_000},
+             "flatten": {"max_depth": 4, "timestamp_columns": ["event__occurred_at"]},
+             "columns": [{"path": "customer.email", "pii": "tokenize"}, {"path": "customer.ssn", "pii": "hash"},
+                         {"path": "customer.name", "pii": "drop"}, {"path": "secret", "pii": "redact", "keep_last": 3},
+                         {"path": "accounts[].number", "pii": "redact", "keep_last": 4}],
+             "table": {"name": "acme_events"},
+             "aggregates": [agg, ACME_AGG,
+                            {**ACME_AGG, "name": "by_m", "key": "m"},  # keys of every type: str(key), lists skipped
+                            {**ACME_AGG, "name": "by_email", "key": "customer__email"},  # a masked key
+                            {**ACME_AGG, "name": "by_secret", "key": "secret",
+                             "metrics": [{"name": "s", "fn": "latest", "column": "secret"},
+                                         {"name": "w", "fn": "latest", "column": "when"}]}]},
+            {"name": "plain", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
+             "envelope": {"event_id": "id", "user_id": "u", "event_time": "t"},
+             "table": {"name": "plain_events"}},
+        ],
+    })
+
+
+def _values_messages(n=900):
+    rng = random.Random(5)
+    out = []
+    for i in range(n):
+        ev = synth.acme_event(i, rng, users=60, extra=i % 4 == 0)
+        pick = lambda: _HOSTILE[rng.randrange(len(_HOSTILE))]  # noqa: E731
+        if i % 3:
+            ev["m"] = pick()
+        if i % 2:
+            ev["secret"] = pick()
+        if i % 5:
+            ev["when"] = pick()
+        if i % 7 == 0:
+            ev["deep"] = {"a": {"b": {"c": pick()}}}
+        if i % 11 == 0:
+            ev["transaction"].pop("amount")
+        if i % 13 == 0:
+            ev["event"].pop("channel")
+            ev["customer"].pop("email")
+        if i % 17 == 0:
+            ev["transaction"]["amount"] = pick()
+        try:
+            payload = orjson.dumps(ev)
+        except TypeError:  # integers beyond 64 bits
+            payload = json.dumps(ev, ensure_ascii=i % 2 == 0).encode()
+        out.append(RawMessage("acme", "file", f"file:v:{i}", payload, b"{}", 0))
+    out.append(RawMessage("plain", "file", "file:p:1", b'{"id": "p1", "u": "u", "t": "2026-11-01T00:00:00Z"}', b"{}", 0))
+    return out
+
+
+def _strict(v):
+    """A value with its exact type (1 != 1.0 != True) and float bits (0.0 != -0.0)."""
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, [_strict(x) for x in v])
+    if isinstance(v, dict):
+        return ("dict", [(k, _strict(x)) for k, x in v.items()])
+    return (type(v).__name__, repr(v))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_aggregate_values_from_the_native_call_equal_orjson_loads_of_the_main_row(streaming):
+    c = _values_contract()
+    msgs = _values_messages()
+    fast = BatchProcessor(c)
+    slow = BatchProcessor(c, native_values=False)
+    for bp in (fast, slow):
+        if bp._partners["acme"].fused is not None:
+            bp._partners["acme"].fused.__self__.set_streaming(streaming)
+    got = fast.process(msgs, NOW)
+    want = slow.process(msgs, NOW)
+    assert got.rows == want.rows and got.dead == want.dead and got.key_missing == want.key_missing
+    assert [(e.event_id, e.event_time_us) for e in got.entries] == [(e.event_id, e.event_time_us) for e in want.entries]
+    assert [_strict(e.aggs) for e in got.entries] == [_strict(e.aggs) for e in want.entries]
+    # and both equal the per-element steps (orjson.loads of the reference main row)
+    _, _, ref = reference(c, msgs)
+    assert normalized(c, got)[2] == ref
+    # the hostile values really reached the aggregates, through both paths
+    seen = {type(v).__name__ for e in got.entries for _, _, vals in e.aggs for v in vals}
+    assert {"NoneType", "str", "int", "float", "bool", "list"} <= seen
+    # (integers beyond INT64 are NUMERIC: the main row holds them as strings)
+    assert any(v == str(2 ** 63 + 5) for e in got.entries for _, _, vals in e.aggs for v in vals)
+    assert any(isinstance(v, float) and v == 1e308 for e in got.entries for _, _, vals in e.aggs for v in vals)
+    from flatten.fast import native_available
+
+    if native_available():
+        s = fast._partners["acme"].fused.__self__.stats()
+        assert got.python_envelope < 120 and s["values_events"] == len(msgs) - 1 - got.python_envelope
+        assert s["values_declined"] == 0
+
+
+def test_aggregate_values_path_is_used_and_falls_back_when_the_native_side_declines():
+    from flatten.fast import native_available
+
+    if not native_available():
+        pytest.skip("the accelerator is not built")
+    c = _values_contract()
+    msgs = _values_messages(200)
+    bp = BatchProcessor(c)
+    acme, plain = bp._partners["acme"], bp._partners["plain"]
+    assert acme.want and acme.fused_args == (*acme.paths, acme.want) and plain.fused_args == plain.paths
+    lens = []
+    real = acme.fused
+
+    def spy(*a):
+        out = real(*a)
+        if out is not None:
+            lens.append(len(out))
+        return out
+
+    acme.fused = spy
+    res = bp.process(msgs, NOW)
+    assert lens and set(lens) == {5}
+    assert real.__self__.stats()["values_events"] == len(lens)
+    # a native answer without values (None): the main row is loaded here instead, same entries
+    acme.fused = lambda *a: None if (o := real(*a)) is None else (*o[:4], None)
+    again = bp.process(msgs, NOW)
+    assert [_strict(e.aggs) for e in again.entries] == [_strict(e.aggs) for e in res.entries]
+    assert normalized(c, res)[2] == reference(c, msgs)[2]
+    # a partner without aggregates asks for nothing: the 4-tuple as before
+    assert len(plain.fused(b'{"id": "p1", "u": "u", "t": "2026-11-01T00:00:00Z"}', *plain.fused_args)) == 4
