@@ -608,7 +608,8 @@ class _Plan:
     def run(self, con, mode: str, returned: Optional[list] = None, target: Optional[str] = None) -> None:
         # Sorted by partition only when the write fills a row group: DuckDB's zone maps are per row group, and a
         # row group of smaller sorted writes spans their whole range anyway (tested: 10,000-row sorted writes of
-        # 90 days' rows left every row group's min/max at the full 90 days). The sort was ~1/3 of the insert's CPU.
+        # 90 days' rows left every row group's min/max at the full 90 days), so their sort was work for nothing
+        # (cheap, though: the 1M-event bench's INSERTs took the same time within noise, bench/README.md).
         order = "_partition" if len(self.rows) >= ROW_GROUP_ROWS else None
         if self.recs is None:
             _json_insert(con, self.table, self.rows, self.read_types, self.part, order_by=order,
