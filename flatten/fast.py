@@ -18,8 +18,9 @@ event, which then takes the Python path. What declines (counted in
   raises the :class:`~flatten.core.FlattenError`);
 
 Per-column timestamp options (``timestamp_columns`` / ``no_timestamp_columns``)
-are supported: for those columns the native side calls the Python
-``Flattener.column_override`` itself. The native side is built only from public
+are supported: the native side decides the common values itself (strict ISO strings, epoch numbers below
+1e17, any value of a no-timestamp column; tests/flatten/test_native.py compares them with Python) and calls
+the Python ``Flattener.column_override`` for the rest. The native side is built only from public
 interfaces: ``Masker.rules()``, ``flatten.mask.canonical_bytes``,
 ``flatten.names.normalize_key``, ``flatten.infer.parse_timestamp`` and
 ``Flattener.column_override``.
