@@ -16,6 +16,7 @@ from flatten.records import Event, RawMessage, TableRow
 from ingest.batch import BatchProcessor, metric_columns
 from ingest.contract import parse_contract
 from ingest.envelope import EnvelopeParser
+from tests.flatten.test_native import _strict  # a value with its exact type and float bits
 
 NOW = 1_790_000_000_000_000
 ACME_AGG = {"name": "activity", "windows": ["lifetime", "7d"],
@@ -23,20 +24,25 @@ ACME_AGG = {"name": "activity", "windows": ["lifetime", "7d"],
                         {"name": "ch", "fn": "latest", "column": "event__channel"}]}
 
 
+def _acme(columns: list, aggregates: list) -> dict:
+    """The acme partner of these tests' contracts, with its PII annotations and aggregates."""
+    return {"name": "acme", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
+            "envelope": {"event_id": "event.id", "user_id": "customer.id", "event_time": "event.occurred_at",
+                         "max_nesting": 20, "max_payload_bytes": 20_000},
+            "flatten": {"max_depth": 4, "timestamp_columns": ["event__occurred_at"]},
+            "columns": [{"path": "customer.email", "pii": "tokenize"}, {"path": "customer.ssn", "pii": "hash"},
+                        {"path": "customer.name", "pii": "drop"}, *columns,
+                        {"path": "accounts[].number", "pii": "redact", "keep_last": 4}],
+            "table": {"name": "acme_events"},
+            "aggregates": aggregates}
+
+
 def contract():
     return parse_contract({
         "warehouse": {"kind": "duckdb", "path": "unused.duckdb"},
         "masking": {"key_env": "HW_TEST_BATCH_KEY", "allow_dev_key": True},
         "partners": [
-            {"name": "acme", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
-             "envelope": {"event_id": "event.id", "user_id": "customer.id", "event_time": "event.occurred_at",
-                          "max_nesting": 20, "max_payload_bytes": 20_000},
-             "flatten": {"max_depth": 4, "timestamp_columns": ["event__occurred_at"]},
-             "columns": [{"path": "customer.email", "pii": "tokenize"}, {"path": "customer.ssn", "pii": "hash"},
-                         {"path": "customer.name", "pii": "drop"},
-                         {"path": "accounts[].number", "pii": "redact", "keep_last": 4}],
-             "table": {"name": "acme_events"},
-             "aggregates": [ACME_AGG, {**ACME_AGG, "name": "by_merchant", "key": "transaction__merchant__id"}]},
+            _acme([], [ACME_AGG, {**ACME_AGG, "name": "by_merchant", "key": "transaction__merchant__id"}]),
             {"name": "orbit", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
              "envelope": {"event_id": "offer_event_id", "user_id": "shopper.uid", "event_time": "ts_ms",
                           "event_time_format": "epoch_ms"},
@@ -213,20 +219,13 @@ def _values_contract():
         "warehouse": {"kind": "duckdb", "path": "unused.duckdb"},
         "masking": {"key_env": "HW_TEST_BATCH_KEY", "allow_dev_key": True},
         "partners": [
-            {"name": "acme", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
-             "envelope": {"event_id": "event.id", "user_id": "customer.id", "event_time": "event.occurred_at",
-                          "max_nesting": 20, "max_payload_bytes": 20_000},
-             "flatten": {"max_depth": 4, "timestamp_columns": ["event__occurred_at"]},
-             "columns": [{"path": "customer.email", "pii": "tokenize"}, {"path": "customer.ssn", "pii": "hash"},
-                         {"path": "customer.name", "pii": "drop"}, {"path": "secret", "pii": "redact", "keep_last": 3},
-                         {"path": "accounts[].number", "pii": "redact", "keep_last": 4}],
-             "table": {"name": "acme_events"},
-             "aggregates": [agg, ACME_AGG,
-                            {**ACME_AGG, "name": "by_m", "key": "m"},  # keys of every type: str(key), lists skipped
-                            {**ACME_AGG, "name": "by_email", "key": "customer__email"},  # a masked key
-                            {**ACME_AGG, "name": "by_secret", "key": "secret",
-                             "metrics": [{"name": "s", "fn": "latest", "column": "secret"},
-                                         {"name": "w", "fn": "latest", "column": "when"}]}]},
+            _acme([{"path": "secret", "pii": "redact", "keep_last": 3}],
+                  [agg, ACME_AGG,
+                   {**ACME_AGG, "name": "by_m", "key": "m"},  # keys of every type: str(key), lists skipped
+                   {**ACME_AGG, "name": "by_email", "key": "customer__email"},  # a masked key
+                   {**ACME_AGG, "name": "by_secret", "key": "secret",
+                    "metrics": [{"name": "s", "fn": "latest", "column": "secret"},
+                                {"name": "w", "fn": "latest", "column": "when"}]}]),
             {"name": "plain", "sources": [{"kind": "file", "pattern": "unused/*.jsonl"}],
              "envelope": {"event_id": "id", "user_id": "u", "event_time": "t"},
              "table": {"name": "plain_events"}},
@@ -262,15 +261,6 @@ def _values_messages(n=900):
         out.append(RawMessage("acme", "file", f"file:v:{i}", payload, b"{}", 0))
     out.append(RawMessage("plain", "file", "file:p:1", b'{"id": "p1", "u": "u", "t": "2026-11-01T00:00:00Z"}', b"{}", 0))
     return out
-
-
-def _strict(v):
-    """A value with its exact type (1 != 1.0 != True) and float bits (0.0 != -0.0)."""
-    if isinstance(v, (list, tuple)):
-        return (type(v).__name__, [_strict(x) for x in v])
-    if isinstance(v, dict):
-        return ("dict", [(k, _strict(x)) for k, x in v.items()])
-    return (type(v).__name__, repr(v))
 
 
 @pytest.mark.parametrize("streaming", [True, False])
