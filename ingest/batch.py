@@ -185,20 +185,15 @@ class BatchProcessor:
             if not keep_rows:
                 rows += trows
             aggs: list = []
-            if vals is not None:
+            if pc.aggs:
+                if vals is None:  # the Python path, or the native call could not decode them exactly
+                    main = loads(ev_rows[0][2]) if pc.want else {}
+                    vals = tuple([main.get(c) for c in pc.want])
                 for i, (k, idx) in enumerate(pc.agg_index):
                     key = user_id if k is None else vals[k]
                     if key is None or isinstance(key, (list, dict)):
                         nokey += 1
                         continue
                     aggs.append((i, str(key), vals if idx is None else tuple([vals[j] for j in idx])))
-            elif pc.aggs:
-                main = loads(ev_rows[0][2])
-                for i, (key_col, cols) in enumerate(pc.aggs):
-                    key = user_id if key_col == "user_id" else main.get(key_col)
-                    if key is None or isinstance(key, (list, dict)):
-                        nokey += 1
-                        continue
-                    aggs.append((i, str(key), tuple([main.get(c) for c in cols])))
             entries.append(Entry(event_id, t_us, tuple(aggs), tuple(trows) if keep_rows else None))
         return BatchResult(rows, dead, entries, py_env, py_flat, nokey)

@@ -85,27 +85,18 @@ class _HeldWarehouse(DuckDBWarehouse):
                 self._close()  # as the plain warehouse: a failed write leaves no connection behind
                 raise
 
-    def _schema_of(self, con, table: str):
+    def _schema_cache(self, con):
         if con is not self._con:
-            return super()._schema_of(con, table)
+            return None
         epoch = schema_epoch(self.path)
-        if epoch != self._schemas_epoch:
+        if epoch != self._schemas_epoch:  # a writer of this process changed a schema in the file
             self._schemas, self._schemas_epoch = {}, epoch
-        schema = self._schemas.get(table)
-        if schema is None:
-            schema = super()._schema_of(con, table)
-            if schema is not None:
-                self._schemas[table] = schema
-        return schema
+        return self._schemas
 
     def _remember_schema(self, con, table: str, schema) -> None:
-        before = schema_epoch(self.path)
         super()._remember_schema(con, table, schema)  # moves the epoch: the other writers' caches of this file drop
         if con is self._con:
-            if before != self._schemas_epoch:  # another writer changed a schema since this cache was checked
-                self._schemas = {}
-            self._schemas[table] = schema
-            self._schemas_epoch = schema_epoch(self.path)
+            self._schemas_epoch = schema_epoch(self.path)  # ... not this writer's own
 
     def _close(self) -> None:
         self._schemas = {}

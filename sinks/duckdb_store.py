@@ -285,21 +285,26 @@ class DuckDBWarehouse:
                     "final BOOLEAN, PRIMARY KEY (partner, aggregate, key, \"window\", version))")
 
     # -- schemas ----------------------------------------------------------------------------------
-    def _schema_of(self, con, table: str) -> Optional[TableSchema]:
-        """The table's current schema: from the held connection's cache when it has it."""
+    def _schema_cache(self, con) -> Optional[dict]:
+        """The table -> schema cache valid for ``con`` (the held connection's), or None: read every time."""
         held = self._held
-        if held is not None and held.con is con and table in held.schemas:
-            return held.schemas[table]
+        return held.schemas if held is not None and held.con is con else None
+
+    def _schema_of(self, con, table: str) -> Optional[TableSchema]:
+        """The table's current schema: from the connection's cache when it has it."""
+        cache = self._schema_cache(con)
+        if cache is not None and table in cache:
+            return cache[table]
         schema = self._load_schema(con, table)
-        if held is not None and held.con is con and schema is not None:
-            held.schemas[table] = schema
+        if cache is not None and schema is not None:
+            cache[table] = schema
         return schema
 
     def _remember_schema(self, con, table: str, schema: TableSchema) -> None:
+        cache = self._schema_cache(con)  # as checked before this change moves the file's schema epoch
         schema_changed(self.path)
-        held = self._held
-        if held is not None and held.con is con:
-            held.schemas[table] = schema
+        if cache is not None:
+            cache[table] = schema
 
     @staticmethod
     def _load_schema(con, table: str) -> Optional[TableSchema]:

@@ -862,10 +862,7 @@ impl NativeFlattener {
     fn percol(&self, py: Python<'_>, v: &V, name: &str, site: usize) -> R<Option<(String, &'static str)>> {
         let f = self.percol_scalar.as_ref().ok_or(Decline::Callback)?;
         let pv: Bound<'_, PyAny> = match v {
-            V::Str(s) => PyString::new(py, s).into_any(),
-            V::Int(i) => i.into_pyobject(py).map_err(|_| Decline::Callback)?.into_any(),
-            V::UInt(u) => u.into_pyobject(py).map_err(|_| Decline::Callback)?.into_any(),
-            V::Float(x) => PyFloat::new(py, *x).into_any(),
+            V::Str(_) | V::Int(_) | V::UInt(_) | V::Float(_) => py_value(py, v).map_err(|_| Decline::Callback)?,
             _ => return Ok(None),
         };
         let r: Option<(String, String)> = f
