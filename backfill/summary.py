@@ -98,6 +98,7 @@ def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = 
     """
     import time
 
+    from ingest.bounded import bounded_settings, defer_rows_writes
     from ingest.objectstore import configure_gcs_emulator
     from ingest.pipeline import _configure_local_state_cache, build, pipeline_options
 
@@ -110,7 +111,8 @@ def run_bounded(contract, beam_argv=(), out: TextIO = sys.stdout, err: TextIO = 
 
     t0 = time.monotonic()
     try:
-        with stop_on_signals(), LiveCount(err):
+        # bounded_settings: what ingest.pipeline.run (the demo, the benchmark) runs a bounded job with
+        with stop_on_signals(), LiveCount(err), bounded_settings(defer_writes=defer_rows_writes(contract)):
             result = p.run()
             state = str(result.wait_until_finish())
     except Stopped as stop:

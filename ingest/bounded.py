@@ -29,11 +29,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
-import hashlib
 import os
 import pickle
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -42,25 +40,25 @@ import zlib
 from typing import Iterator, Mapping, Optional
 
 import apache_beam as beam
-import orjson
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
-from flatten.records import DeadLetter, RawMessage, Reason
+from flatten.records import RawMessage
 from ingest import progress
-from ingest.batch import BatchProcessor, metric_columns
+from ingest.batch import BatchProcessor
 from ingest.contract import Contract, FileSource
 from ingest.file_source import DEAD_LETTER_TAG, _ReadFileFn
+from ingest.fold_worker import FoldWorker
+from ingest.shard_fold import REF, SPILL_REF, ShardFolder, SpillReader, order
 from ingest.sources import source_labels
-from state import aggregate as A
-from state import combine as C
 from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
 
-__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS", "bounded_settings"]
+__all__ = ["BoundedHeadwater", "MessageBatch", "RowBatch", "BATCH_SIZE", "DEDUP_SHARDS", "bounded_settings",
+           "defer_rows_writes"]
 
 #: Records per batch: large enough that Beam's per-element cost (~10-30 us) is noise, small enough
 #: that a batch's rows stay a few MB.
@@ -70,7 +68,8 @@ BATCH_SIZE = 1000
 DEDUP_SHARDS = 16
 DEDUP_TAG = "dedup"
 ROWS_TAG = "rows"
-AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
+#: Fold the shard groups in a worker process where the dedup blobs are spill files (_FoldShardFn).
+FOLD_IN_WORKER = True
 
 
 #: Python's cyclic collector while a bounded job runs in this process: a generation-0 pass every GC_GEN0
@@ -87,18 +86,33 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 @contextlib.contextmanager
-def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH_INTERVAL_S) -> Iterator[None]:
-    """Run a bounded job with the collector's thresholds raised and a short thread switch interval; the
-    previous settings are restored after."""
+def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH_INTERVAL_S,
+                     defer_writes: bool = False) -> Iterator[None]:
+    """Run a bounded job in this process with the collector's thresholds raised and a short thread switch
+    interval; ``defer_writes`` (a job with aggregates: ``defer_rows_writes``): its DuckDB rows writes deferred
+    (``sinks.duckdb_sink.deferred_writes``: leaving waits for them and raises a failed one). The previous
+    settings are restored after, spill files removed."""
+    from sinks.duckdb_sink import deferred_writes
+
     before, interval = gc.get_threshold(), sys.getswitchinterval()
     gc.set_threshold(*(max(a, b) for a, b in zip(thresholds, before)))
     sys.setswitchinterval(min(switch_s, interval))
     try:
-        yield
+        with deferred_writes() if defer_writes else contextlib.nullcontext():
+            yield
     finally:
         gc.set_threshold(*before)
         sys.setswitchinterval(interval)
         remove_spills()
+
+
+def defer_rows_writes(contract: Contract) -> bool:
+    """Whether a local bounded run of ``contract`` defers its rows writes: only with aggregates. The rows
+    stage then ends ~20 % sooner and the fold (in its worker process) runs while the writer catches up; a
+    1M-event run took 31.7-33.7 s against 34.6-34.9. Without aggregates nothing follows the rows stage and
+    the writer is the run's length: deferring only adds the spill files' cost (24.7-24.9 s against 22.7;
+    bench/README.md, "Sixth pass")."""
+    return any(p.aggregates for p in contract.partners)
 
 
 class MessageBatch(list):
@@ -247,7 +261,10 @@ class _ProcessBatchFn(beam.DoFn):
 
 class _FoldShardFn(beam.DoFn):
     """(shard, [pickled (partner, [Entry tuple])]) -> ((partner, aggregate, key), partial) + type-conflict dead letters
-    (+ the kept events' rows in batches, with ``keep_rows``)."""
+    (+ the kept events' rows in batches, with ``keep_rows``). The fold itself is ``ingest.shard_fold``; where
+    the blobs are spill references (local runs) and rows are not kept, a worker process runs it
+    (``ingest.fold_worker``: the fold then runs beside this process's rows writer instead of taking turns
+    with it for the interpreter's lock)."""
 
     def __init__(self, specs: Mapping[str, tuple], keep_rows: bool, clock=time.time):
         self._specs = dict(specs)  # partner -> tuple of AggregateSpec, in contract order
@@ -257,114 +274,67 @@ class _FoldShardFn(beam.DoFn):
         self._conflicts = Metrics.counter("headwater.state", "dead_letter_other")
 
     def setup(self) -> None:
-        self._plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a)) for a in aggs)
-                       for p, aggs in self._specs.items()}
+        self._folder = ShardFolder(self._specs, self._keep_rows, self._clock)
+        self._worker: Optional[FoldWorker] = None
 
     def start_bundle(self) -> None:
         # One partial per (partner, aggregate, key) for the whole bundle, not per shard group: a key's events
         # are spread over every shard (shards are by event id), and the combine's lifted pre-merge keeps at
         # most 100,000 keys, so per-shard partials crossed the shuffle up to once per shard (15 per key at
         # 200,000 users; bench/README.md, "Third pass"). Folding is order-independent (state/combine.py).
-        self._partials: dict = {}
+        self._folder.take()
 
     def finish_bundle(self) -> Iterator:
-        partials, self._partials = self._partials, {}
         ts = GlobalWindow().max_timestamp()  # what the shard groups carried (GroupByKey's output, global window)
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:
+                partials, dups, conflicts, dead = worker.finish()
+            finally:
+                worker.close()
+            self._count(dups, conflicts)
+            for d in dead:
+                yield TaggedOutput(DEAD_LETTER_TAG, WindowedValue(d, ts, (GlobalWindow(),)))
+        else:
+            partials, _, _ = self._folder.take()
         for pk, part in partials.items():
             yield WindowedValue((pk, part), ts, (GlobalWindow(),))
 
+    def teardown(self) -> None:
+        worker, self._worker = getattr(self, "_worker", None), None
+        if worker is not None:  # a failed bundle: no process is left behind
+            worker.close()
+
     def process(self, element) -> Iterator:
-        """Two passes over the shard group's blobs, so that its events are never all decoded at once (a dict of
-        every kept entry took ~620 bytes per event, 390 MB for a 10M-event run's shard; bench/README.md, "Fourth
-        pass"): the first collects the hashes of the event ids (a set of ints) and which hashes repeat; the
-        second folds each event whose hash did not repeat as it is decoded, and keeps aside only the entries
-        whose hash repeated. Those are grouped by their exact (partner, event id), so a hash collision only
-        costs a slot here, and the copy kept of a repeated event is the one whose entry sorts first, as before."""
         _, groups = element
-        reader = _SpillReader()
+        if self._worker is None and FOLD_IN_WORKER and not self._keep_rows:
+            first = next(iter(groups), b"")
+            if first.startswith(SPILL_REF):  # the worker reads the spill files itself
+                self._worker = FoldWorker(self._specs)
+        if self._worker is not None:
+            self._worker.group(list(groups))
+            return
+        reader = SpillReader()
         try:
-            yield from self._process(groups, reader)
+            for kind, value in self._folder.group(groups, reader):
+                yield TaggedOutput(ROWS_TAG if kind == "rows" else DEAD_LETTER_TAG,
+                                   RowBatch(value) if kind == "rows" else value)
         finally:
             reader.close()
+        f = self._folder
+        self._count(f.dups, f.conflicts)
+        f.dups = f.conflicts = 0
 
-    def _process(self, groups, reader: "_SpillReader") -> Iterator:
-        seen: set = set()
-        again: set = set()
-        for blob in groups:
-            partner, entries = _entries(reader.blob(blob))
-            for e in entries:
-                h = _event_hash(partner, e[0])
-                if h in seen:
-                    again.add(h)
-                else:
-                    seen.add(h)
-        del seen
-        held: dict = {}  # (partner, event id) -> entry, for the events whose hash repeated
-        dups = 0
-        rows: list = []
-        for blob in groups:
-            partner, entries = _entries(reader.blob(blob))
-            for e in entries:
-                if again and _event_hash(partner, e[0]) in again:
-                    k = (partner, e[0])
-                    other = held.get(k)
-                    if other is None:
-                        held[k] = e
-                        continue
-                    dups += 1
-                    if _order(e) < _order(other):  # deterministic choice, whatever the arrival order
-                        held[k] = e
-                    continue
-                yield from self._fold(partner, e, rows)
-        for (partner, _), e in held.items():
-            yield from self._fold(partner, e, rows)
+    def _count(self, dups: int, conflicts: int) -> None:
         if dups:
             self._dups.inc(dups)
             progress.count_duplicate(dups)
-        if rows:
-            yield TaggedOutput(ROWS_TAG, RowBatch(rows))
-
-    def _fold(self, partner: str, entry: tuple, rows: list) -> Iterator:
-        """Fold one kept event into the bundle's partials (and, with ``keep_rows``, its rows into ``rows``,
-        emitted every 5,000)."""
-        event_id, t_us, aggs, erows = entry
-        if erows:
-            rows += erows
-            if len(rows) >= 5000:
-                yield TaggedOutput(ROWS_TAG, RowBatch(list(rows)))
-                rows.clear()
-        if not aggs:
-            return
-        partials = self._partials
-        plans = self._plans[partner]
-        for i, key, values in aggs:
-            name, plan, cols = plans[i]
-            vals = dict(zip(cols, values))
-            pk = (partner, name, key)
-            part = partials.get(pk)
-            if part is None:
-                part = partials[pk] = C.new_partial(plan)
-            for r in C.add_event(part, t_us, event_id, vals, plan):
-                self._conflicts.inc()
-                payload = orjson.dumps(vals)
-                yield TaggedOutput(DEAD_LETTER_TAG, DeadLetter(
-                    partner=partner, source="aggregate", coords=f"{name}:{key}#{event_id}", payload=payload,
-                    payload_ref=_sha(payload), error_class="TypeConflict", reason=Reason.TYPE_CONFLICT,
-                    message=r.message, step=AGG_STEP, event_time_us=t_us,
-                    processing_time_us=int(self._clock() * 1_000_000)))
+        if conflicts:
+            self._conflicts.inc(conflicts)
 
 
-#: A dedup blob spilled to a file is replaced by a reference: this prefix (a zlib stream starts with 0x78),
-#: then offset and length (little-endian u64, u32), then the file's path.
-_SPILL_REF = b"HWSPILL\x00"
-_REF = struct.Struct("<QI")
+_SPILL_REF, _REF = SPILL_REF, REF  # a spilled blob's reference (ingest.shard_fold)
 _SPILL_DIRS: list = []  # spill directories made by this process's bounded jobs (removed after the run)
-
-
-def _entries(blob: bytes) -> tuple:
-    """A dedup blob's ``(partner, [entry])``: a pickle (spilled, uncompressed: it starts with pickle's PROTO
-    opcode 0x80) or a zlib stream of one (0x78)."""
-    return pickle.loads(blob if blob[:1] == b"\x80" else zlib.decompress(blob))
 
 
 class _Spill:
@@ -395,33 +365,6 @@ class _Spill:
     def flush(self) -> None:
         for fh in self._files.values():
             fh.flush()
-
-    def close(self) -> None:
-        files, self._files = self._files, {}
-        for fh in files.values():
-            fh.close()
-
-
-class _SpillReader:
-    """Resolves blobs that are spill references (``_Spill``); other blobs are returned as they are."""
-
-    def __init__(self):
-        self._files: dict = {}
-
-    def blob(self, blob: bytes) -> bytes:
-        if not blob.startswith(_SPILL_REF):
-            return blob
-        n = len(_SPILL_REF)
-        offset, length = _REF.unpack_from(blob, n)
-        path = blob[n + _REF.size:].decode()
-        fh = self._files.get(path)
-        if fh is None:
-            fh = self._files[path] = open(path, "rb")
-        fh.seek(offset)
-        data = fh.read(length)
-        if len(data) != length:
-            raise IOError(f"dedup spill file {path} is short: {len(data)} of {length} bytes at {offset}")
-        return data
 
     def close(self) -> None:
         files, self._files = self._files, {}
@@ -474,17 +417,7 @@ def _local_runner(options) -> bool:
     return name is None or name in LOCAL_RUNNERS
 
 
-def _event_hash(partner: str, event_id: str) -> int:
-    """The first pass's stand-in for an event's identity (only says which events might repeat)."""
-    return hash((partner, event_id))
-
-
-def _order(entry: tuple) -> bytes:
-    return orjson.dumps(entry[:3], option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS)
-
-
-def _sha(payload: bytes) -> str:
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+_order = order  # the kept copy of a repeated event: the entry that sorts first (ingest.shard_fold)
 
 
 class BoundedHeadwater(beam.PTransform):

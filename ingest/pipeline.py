@@ -254,9 +254,11 @@ def run(contract: Contract, beam_argv: Sequence[str] = (), wait: bool = True):
         _tune_local_worker(options)
     p = beam.Pipeline(options=options)
     build(p, contract, recovery=_recovery_for(contract, options))
-    from ingest.bounded import bounded_settings
+    from ingest.bounded import bounded_settings, defer_rows_writes
 
-    with contextlib.nullcontext() if contract.streaming else bounded_settings():  # the local runner runs it here
+    # the local runner runs it here
+    with contextlib.nullcontext() if contract.streaming else bounded_settings(
+            defer_writes=defer_rows_writes(contract)):
         result = p.run()
         if wait:
             result.wait_until_finish()

@@ -7,20 +7,27 @@ in the same flush and counted, never dropped.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
+import pickle
+import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from flatten import live
 from flatten.options import SchemaMode
+from flatten.records import TableRow
 from sinks import ledger
 from sinks.duckdb_store import DuckDBWarehouse, release_held, schema_epoch
 from sinks.spec import TableSpec, WarehouseSpec
 
-__all__ = ["WriteToDuckDB", "FLUSH_ROWS"]
+__all__ = ["WriteToDuckDB", "FLUSH_ROWS", "deferred_writes"]
 
 #: Rows per write. Each write is one INSERT and one checkpoint of the DuckDB file (on close), whose
 #: cost grows with the table: fewer, larger writes are cheaper overall (bench/README.md).
@@ -47,6 +54,93 @@ HELD_FLUSH_ROWS = 10_000
 #: for CPU: 1M events, 20,000 users: 65-73 CPU-s against 71-90 (two alternating rounds, noisy), +25-45 MB peak
 #: RSS; 256 MB gained nothing more and cost +325 MB (bench/README.md, "Fourth pass").
 CHECKPOINT_THRESHOLD = "64MB"
+#: Deferred writes (``deferred_writes``: a bounded run in this process): the rows writer's queued buffers
+#: are held in memory up to this many bytes of row data; the buffers queued beyond it wait in a spill file.
+DEFER_MEMORY_BYTES = 96 << 20
+#: A queued TableRow's memory besides its row JSON (the tuple, its ids, its types bytes), bytes: the estimate
+#: the budget above counts with.
+_ROW_OVERHEAD = 450
+
+
+class _Deferral:
+    """The writes a bounded run in this process has queued and not yet waited for (``deferred_writes``)."""
+
+    def __init__(self):
+        self.writers: list = []  # the deferring _BufferedWriteFn instances set up during the run
+        self.errors: list = []  # failed writes found after their bundle (teardown, drain): raised by drain
+        self.late = [0, 0]  # rows written / rejected by writes that completed after their writer's last bundle
+        self.spilled = 0  # buffers that waited in a spill file
+        self._root: Optional[str] = None
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def spill(self, buf: list) -> str:
+        """Write a buffer of TableRows to a file of its own (column lists, pickled); returns its path."""
+        with self._lock:
+            if self._root is None:
+                # the bounded job's spill naming (ingest.bounded.spill_dir): a killed run's directory is
+                # removed by the next run; this run's when it ends (drain) or at exit
+                self._root = tempfile.mkdtemp(prefix=f"headwater-spill-{os.getpid()}-")
+            self._n += 1
+            self.spilled += 1
+            path = os.path.join(self._root, f"rows-{self._n}.pickle")
+        with open(path, "wb") as fh:
+            fh.write(pickle.dumps(list(zip(*buf)), protocol=pickle.HIGHEST_PROTOCOL))
+        return path
+
+    @staticmethod
+    def unspill(path: str) -> list:
+        with open(path, "rb") as fh:
+            cols = pickle.loads(fh.read())
+        os.unlink(path)
+        return [tuple.__new__(TableRow, t) for t in zip(*cols)]
+
+    def close(self) -> None:
+        if self._root is not None:
+            import shutil
+
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+
+
+_DEFERRAL: Optional[_Deferral] = None
+
+
+@contextlib.contextmanager
+def deferred_writes() -> Iterator[_Deferral]:
+    """Run a bounded job in this process with its rows writes deferred: the DuckDB rows writer's bundles
+    end without waiting for their writes, which go on beside the job's next stages (the aggregate fold:
+    FoldShards runs on one core while the writer, the bounded job's slowest part, works on the other).
+    Leaving waits for every queued write, closes the writers' connections and raises the first write that
+    failed (the FnApiRunner only logs what a DoFn's teardown raises). Queued buffers stay in memory up to
+    ``DEFER_MEMORY_BYTES``, the rest wait in spill files. Outside this context (and for aggregates and dead
+    letters) a bundle completes only once its rows are stored, as before."""
+    global _DEFERRAL
+    if _DEFERRAL is not None:  # nested (a run inside a run's context): the outer one drains
+        yield _DEFERRAL
+        return
+    d = _DEFERRAL = _Deferral()
+    try:
+        yield d
+    except BaseException:
+        _finish(d, abandon=True)  # the run's own error (a failed write re-raised in a bundle, a stop) goes on
+        raise
+    _finish(d)
+    if d.errors:
+        first = d.errors[0]
+        raise RuntimeError(f"{len(d.errors)} deferred DuckDB write(s) failed after the job's bundles "
+                           f"completed; the first: {type(first).__name__}: {first}") from first
+
+
+def _finish(d: _Deferral, abandon: bool = False) -> None:
+    """Wait for what the run's writers still have queued, close them, remove the spill files."""
+    global _DEFERRAL
+    _DEFERRAL = None
+    try:
+        for w in list(d.writers):
+            w._drain(d, abandon)
+    finally:
+        d.close()
 
 
 class _HeldWarehouse(DuckDBWarehouse):
@@ -134,6 +228,13 @@ class _BufferedWriteFn(beam.DoFn):
         self._closing: Optional[Future] = None
         self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
         self._mains = {partner: spec.name for partner, spec in self._args[1].items()}  # partner -> main table
+        # a bounded run in this process (deferred_writes): rows writes queue and the bundle does not wait
+        self._defer = _DEFERRAL if (self._hold and self._kind == "rows") else None
+        self._queue: collections.deque = collections.deque()  # the deferred writes, oldest first
+        self._queued = 0  # bytes of row data the queued in-memory buffers hold
+        self._qlock = threading.Lock()
+        if self._defer is not None:
+            self._defer.writers.append(self)
 
     def start_bundle(self) -> None:
         self._buf: list = []
@@ -155,6 +256,9 @@ class _BufferedWriteFn(beam.DoFn):
 
     def finish_bundle(self) -> None:
         self._flush()
+        if self._defer is not None:
+            self._collect()  # what has completed is counted in this bundle; the rest goes on (drain)
+            return
         try:
             self._wait()
         finally:
@@ -164,6 +268,8 @@ class _BufferedWriteFn(beam.DoFn):
                 self._closing = self._pool.submit(self._wh.release)
 
     def teardown(self) -> None:
+        if getattr(self, "_defer", None) is not None:
+            return  # deferred_writes drains it when the run ends (the FnApiRunner only logs a teardown's error)
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True)
@@ -191,8 +297,72 @@ class _BufferedWriteFn(beam.DoFn):
         buf, self._buf = self._buf, []
         if not buf:
             return
+        if self._defer is not None:
+            self._enqueue(buf)
+            return
         self._wait()
         self._pending = self._pool.submit(self._write, buf)
+
+    # ---- deferred writes (a bounded run in this process: deferred_writes)
+
+    def _enqueue(self, buf: list) -> None:
+        self._collect()  # re-raises a failed write in this bundle: the job fails now, not at its end
+        size = sum(len(r.row) for r in buf) + _ROW_OVERHEAD * len(buf)
+        with self._qlock:
+            spill = self._queue and self._queued + size > DEFER_MEMORY_BYTES
+            if not spill:
+                self._queued += size
+        item = self._defer.spill(buf) if spill else buf
+        self._queue.append(self._pool.submit(self._write_queued, item, 0 if spill else size))
+
+    def _write_queued(self, item, size: int) -> "tuple[int, int]":
+        try:
+            return self._write(_Deferral.unspill(item) if isinstance(item, str) else item)
+        finally:
+            with self._qlock:
+                self._queued -= size
+
+    def _collect(self) -> None:
+        """Count the deferred writes that have completed, oldest first (Beam metrics: in this bundle)."""
+        q = self._queue
+        while q and q[0].done():
+            written, rejected = q.popleft().result()
+            self._count(written, rejected)
+
+    def _count(self, written: int, rejected: int) -> None:
+        if rejected:
+            self._rejected.inc(rejected)
+        self._written.inc(written)
+        live.inc(f"{self._kind}_writes")
+
+    def _drain(self, d: _Deferral, abandon: bool = False) -> None:
+        """At the end of the run: wait for every queued write (``abandon``: the run failed or was stopped,
+        only for the one in progress; rows are idempotent, a rerun writes the rest), keep their failures
+        for ``deferred_writes`` to raise, close the held connection."""
+        d.writers.remove(self)
+        q, self._queue = self._queue, collections.deque()
+        if abandon:
+            for fut in q:
+                fut.cancel()
+        while q:
+            fut = q.popleft()
+            if fut.cancelled():
+                continue
+            try:
+                written, rejected = fut.result()
+            except Exception as e:  # noqa: BLE001 - kept, raised by deferred_writes at the run's end
+                d.errors.append(e)
+                for rest in q:
+                    rest.cancel()  # not started yet: a run with a failed write stops writing
+                break
+            d.late[0] += written
+            d.late[1] += rejected
+            self._count(written, rejected)  # outside a bundle only the live counters see it
+        self._pool.shutdown(wait=True)
+        try:
+            self._wh.release()
+        except Exception as e:  # noqa: BLE001
+            d.errors.append(e)
 
     def _write(self, buf: list) -> "tuple[int, int]":
         if self._kind == "rows":

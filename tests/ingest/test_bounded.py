@@ -94,12 +94,12 @@ def _finals(finished: list) -> dict:
 def test_colliding_hashes_only_cost_a_slot_never_an_event(monkeypatch):
     """The first pass flags repeats by a hash of the event id; every hash colliding (the worst case) must give
     the same partials: the exact (partner, event id) decides what is a duplicate."""
-    from ingest import bounded
+    from ingest import shard_fold
 
     events = _events(300, users=5)
     groups = [(0, [_blob(events[:150] + [events[3]]), _blob(events[150:] + [events[200]])])]
     _, want = _fold(groups)
-    monkeypatch.setattr(bounded, "_event_hash", lambda partner, event_id: 0)
+    monkeypatch.setattr(shard_fold, "event_hash", lambda partner, event_id: 0)
     _, got = _fold(groups)
     assert _finals(got) == _finals(want)
     plan = A.plan_for(SPEC)
@@ -163,8 +163,14 @@ def test_a_short_spill_file_fails_loudly(tmp_path):
     path = ref[len(bounded._SPILL_REF) + bounded._REF.size:].decode()
     with open(path, "r+b") as fh:
         fh.truncate(10)
-    with pytest.raises(IOError, match="short"):
+    with pytest.raises(RuntimeError, match="(?s)fold worker .* failed.*short"):  # spilled: the worker folds
         _fold([(0, [ref])])
+    bounded.FOLD_IN_WORKER = False
+    try:
+        with pytest.raises(IOError, match="short"):  # in this process
+            _fold([(0, [ref])])
+    finally:
+        bounded.FOLD_IN_WORKER = True
 
 
 def test_spill_only_where_the_runner_shares_this_machine():

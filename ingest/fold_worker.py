@@ -1,0 +1,138 @@
+"""FoldShards in a worker process: ``python -m ingest.fold_worker``, driven by ``FoldWorker``.
+
+Why: a local bounded run is one Python process, and its time is the interpreter's lock's time (py-spy
+``--gil``: the lock was held ~88 % of a 1M-event run's wall clock; the fold of the shard groups, pure Python,
+was ~35 % of that, on one core, after the rows stage). Folded in a process of its own, the fold no longer
+queues for the lock behind the rows writer (``sinks.duckdb_sink.deferred_writes``), which writes the rows
+of the stage before meanwhile. Used only where the dedup blobs are spill references (the local runners:
+the worker reads the same files); elsewhere (Dataflow) the fold runs in the DoFn as before.
+
+Protocol (pickles, each framed by its length as a little-endian u64) on the worker's stdin/stdout:
+``("init", specs)``, then any number of ``("group", [blob])``; ``("end",)`` is answered with
+``("result", partials, dups, conflicts, [DeadLetter])`` (or ``("error", traceback)``), after which the
+worker starts afresh; end of input: it exits. Its stderr is the job's.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import traceback
+from typing import Any, BinaryIO, Mapping
+
+__all__ = ["FoldWorker", "main"]
+
+_LEN = struct.Struct("<Q")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds the ingest/ package
+
+
+def _send(fh: BinaryIO, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(_LEN.pack(len(data)))
+    fh.write(data)
+    fh.flush()
+
+
+def _recv(fh: BinaryIO) -> Any:
+    head = fh.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise EOFError("fold worker: end of input")
+    (n,) = _LEN.unpack(head)
+    data = fh.read(n)
+    if len(data) != n:
+        raise EOFError(f"fold worker: message cut short ({len(data)} of {n} bytes)")
+    return pickle.loads(data)
+
+
+class FoldWorker:
+    """One worker process folding shard groups (``ingest.shard_fold.ShardFolder``) for one bundle."""
+
+    def __init__(self, specs: Mapping[str, tuple]):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = subprocess.Popen([sys.executable, "-m", "ingest.fold_worker"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env)
+        self.pid = self._proc.pid
+        self._send(("init", dict(specs)))
+
+    def _send(self, msg) -> None:
+        try:
+            _send(self._proc.stdin, msg)
+        except (BrokenPipeError, OSError) as e:
+            why = ""
+            try:  # a worker that failed sent its traceback before it exited
+                reply = _recv(self._proc.stdout)
+                why = f":\n{reply[1]}" if reply[0] == "error" else ""
+            except (EOFError, OSError):
+                pass
+            raise RuntimeError(f"fold worker {self.pid} is gone (exit code {self._proc.wait()}){why}") from e
+
+    def group(self, blobs: list) -> None:
+        """Queue a shard group (spill references). Returns when the worker's input pipe has taken it."""
+        self._send(("group", blobs))
+
+    def finish(self) -> "tuple[dict, int, int, list]":
+        """Wait for the fold of every queued group: (partials, dups, conflicts, dead letters)."""
+        self._send(("end",))
+        try:
+            msg = _recv(self._proc.stdout)
+        except EOFError as e:
+            raise RuntimeError(f"fold worker {self.pid} exited (code {self._proc.wait()}) before its result") from e
+        if msg[0] == "error":
+            raise RuntimeError(f"fold worker {self.pid} failed:\n{msg[1]}")
+        return msg[1], msg[2], msg[3], msg[4]
+
+    def close(self) -> None:
+        """End the worker (its input closed: it exits); killed if it has not within 10 s."""
+        proc = self._proc
+        try:
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def main() -> int:
+    from ingest.shard_fold import ShardFolder, SpillReader
+
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed goes to the job's stderr, not into the protocol
+    try:
+        kind, specs = _recv(stdin)
+        assert kind == "init", kind
+        folder = ShardFolder(specs, keep_rows=False)
+        reader = SpillReader()
+        dead: list = []
+        while True:
+            try:
+                msg = _recv(stdin)
+            except EOFError:
+                return 0
+            if msg[0] == "group":
+                for kind, value in folder.group(msg[1], reader):
+                    dead.append(value)  # keep_rows is off: only dead letters
+            elif msg[0] == "end":
+                partials, dups, conflicts = folder.take()
+                _send(stdout, ("result", partials, dups, conflicts, dead))
+                dead = []
+            else:
+                raise ValueError(f"unknown message {msg[0]!r}")
+    except Exception:  # noqa: BLE001 - reported to the job, which fails with it
+        try:
+            _send(stdout, ("error", traceback.format_exc()))
+        except OSError:
+            pass
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

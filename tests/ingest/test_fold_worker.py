@@ -1,0 +1,146 @@
+"""FoldShards in a worker process (ingest.fold_worker): the same partials, duplicate counts and type-conflict
+dead letters as the fold in the job's process; no process left behind, whether the bundle ends, fails, or the
+worker is killed (a real SIGKILL)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import zlib
+
+import pytest
+
+from ingest import bounded, progress
+from ingest.bounded import _FoldShardFn
+from tests.ingest.test_bounded import COLS, SPEC, _blob, _events, _finals
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive: reaped by close(), so this only matters if it was not
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _spilled(groups: list) -> tuple[list, str]:
+    """The shard groups' blobs written to spill files, as ProcessBatches does on a local runner: references."""
+    root = bounded.spill_dir()
+    spill = bounded._Spill(root)
+    out = [(shard, [spill.put(shard, zlib.decompress(b)) for b in blobs]) for shard, blobs in groups]
+    spill.close()
+    return out, root
+
+
+def _run(groups: list, in_worker: bool) -> tuple[list, list, int]:
+    bounded.FOLD_IN_WORKER = in_worker
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False, clock=lambda: 1_800_000_000.0)
+        fn.setup()
+        fn.start_bundle()
+        progress.reset()
+        dead = []
+        for g in groups:
+            dead += [o.value for o in fn.process(g)]
+        fin = list(fn.finish_bundle())
+        dead += [o.value.value for o in fin if hasattr(o, "tag")]
+        partials = [o for o in fin if not hasattr(o, "tag")]
+        fn.teardown()
+        return partials, dead, progress.duplicates()
+    finally:
+        bounded.FOLD_IN_WORKER = True
+
+
+def _conflicting(events: list) -> list:
+    """Every 25th event carries text in a numeric metric's column: a type conflict (dead letter) per event."""
+    num = next(c for c in COLS if "amount" in c or c in ("n", "v", "x"))
+    return [(e, t, k, {**v, num: "not a number"}) if i % 25 == 0 else (e, t, k, v)
+            for i, (e, t, k, v) in enumerate(events)]
+
+
+def test_the_worker_folds_exactly_what_the_job_process_folds():
+    events = _conflicting(_events(900, users=11))
+    repeats = [events[3], events[250], events[251], events[700]]
+    shards: dict[int, list] = {}
+    for e in events + repeats:
+        shards.setdefault(zlib.crc32(e[0].encode()) % 16, []).append(e)
+    groups = [(s, [_blob(es[:len(es) // 2]), _blob(es[len(es) // 2:])]) for s, es in sorted(shards.items())]
+    refs, root = _spilled(groups)
+    try:
+        here, dead_here, dups_here = _run(refs, in_worker=False)
+        t0 = int(time.time() * 1e6)
+        there, dead_there, dups_there = _run(refs, in_worker=True)
+        t1 = int(time.time() * 1e6)
+    finally:
+        bounded.remove_spills()
+    assert dups_here == dups_there == 4
+    assert _finals(there) == _finals(here) and len(_finals(there)) == 11
+    assert [wv.value[0] for wv in there] == [wv.value[0] for wv in here]  # same keys, same order
+    assert len({d.coords.rsplit("#", 1)[1] for d in dead_here}) == 36  # every conflicting event, once or more
+    # the same dead letters; the worker stamps them with the real clock (the DoFn's test clock stays here)
+    assert all(t0 <= d.processing_time_us <= t1 for d in dead_there)
+    assert sorted(d._replace(processing_time_us=0) for d in dead_there) == \
+        sorted(d._replace(processing_time_us=0) for d in dead_here)
+
+
+def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle():
+    events = _events(200, users=4)
+    refs, root = _spilled([(0, [_blob(events)])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        list(fn.process(refs[0]))
+        pid = fn._worker.pid
+        assert _alive(pid)
+        assert len(list(fn.finish_bundle())) == 4
+        assert fn._worker is None and not _alive(pid)
+        fn.start_bundle()  # in-memory blobs (Dataflow's case): folded here
+        list(fn.process((0, [_blob(events)])))
+        assert fn._worker is None
+        assert len(list(fn.finish_bundle())) == 4
+        # rows kept (BigQuery): folded here too, the rows come back with the kept events
+        keep = _FoldShardFn({"acme": (SPEC,)}, keep_rows=True)
+        keep.setup()
+        keep.start_bundle()
+        list(keep.process(refs[0]))
+        assert keep._worker is None
+        list(keep.finish_bundle())
+    finally:
+        bounded.remove_spills()
+
+
+def test_a_failed_bundle_leaves_no_worker_behind():
+    refs, root = _spilled([(0, [_blob(_events(50, users=2))])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        list(fn.process(refs[0]))
+        pid = fn._worker.pid
+        fn.teardown()  # the runner tears the DoFn down after a failed bundle, without finish_bundle
+        assert not _alive(pid)
+    finally:
+        bounded.remove_spills()
+
+
+def test_a_killed_worker_fails_the_bundle_instead_of_hanging():
+    refs, root = _spilled([(0, [_blob(_events(50, users=2))])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        list(fn.process(refs[0]))
+        pid = fn._worker.pid
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=f"fold worker {pid}"):
+            list(fn.process(refs[0]))  # its input is gone
+            list(fn.finish_bundle())
+        fn.teardown()
+        assert not _alive(pid)
+    finally:
+        bounded.remove_spills()
