@@ -52,8 +52,9 @@ class FoldWorker:
     def __init__(self, specs: Mapping[str, tuple]):
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # its own process group: a Ctrl-C on the job's terminal goes to the job, which ends the worker itself
         self._proc = subprocess.Popen([sys.executable, "-m", "ingest.fold_worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env)
+                                      stdout=subprocess.PIPE, env=env, process_group=0)
         self.pid = self._proc.pid
         self._send(("init", dict(specs)))
 
@@ -104,6 +105,11 @@ class FoldWorker:
 def main() -> int:
     from ingest.shard_fold import ShardFolder, SpillReader
 
+    import signal
+
+    # The job ends its worker itself (its input closes, or the job process is gone and the input ends): a
+    # SIGINT that reaches the worker anyway (sent to it, or to its group) does not kill it mid-fold.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed goes to the job's stderr, not into the protocol
     try:

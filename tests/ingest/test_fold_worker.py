@@ -144,3 +144,21 @@ def test_a_killed_worker_fails_the_bundle_instead_of_hanging():
         assert not _alive(pid)
     finally:
         bounded.remove_spills()
+
+
+def test_ctrl_c_leaves_the_worker_to_the_job():
+    """SIGINT reaches the whole process group on a terminal: the job decides (it stops or closes the worker),
+    so the worker neither dies with a traceback nor loses the groups it holds."""
+    refs, root = _spilled([(0, [_blob(_events(200, users=4))])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        list(fn.process(refs[0]))
+        pid = fn._worker.pid
+        time.sleep(1.0)  # the worker has set up its handlers
+        os.kill(pid, signal.SIGINT)
+        assert len(list(fn.finish_bundle())) == 4
+        assert not _alive(pid)
+    finally:
+        bounded.remove_spills()
