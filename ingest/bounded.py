@@ -68,8 +68,11 @@ BATCH_SIZE = 1000
 DEDUP_SHARDS = 16
 DEDUP_TAG = "dedup"
 ROWS_TAG = "rows"
-#: Fold the shard groups in a worker process where the dedup blobs are spill files (_FoldShardFn).
+#: Fold the shard groups in worker processes where the dedup blobs are spill files (_FoldShardFn).
 FOLD_IN_WORKER = True
+#: How many fold workers a bundle of shard groups is spread over: one per CPU, at most 4 (a group is folded by
+#: one worker, whole, so dedup stays exact; their partials are merged by the combine after).
+FOLD_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 #: Python's cyclic collector while a bounded job runs in this process: a generation-0 pass every GC_GEN0
@@ -108,7 +111,7 @@ def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH
 
 def defer_rows_writes(contract: Contract) -> bool:
     """Whether a local bounded run of ``contract`` defers its rows writes: only with aggregates. The rows
-    stage then ends ~20 % sooner and the fold (in its worker process) runs while the writer catches up; a
+    stage then ends ~20 % sooner and the fold (in its worker processes) runs while the writer catches up; a
     1M-event run took 31.7-33.7 s against 34.6-34.9. Without aggregates nothing follows the rows stage and
     the writer is the run's length: deferring only adds the spill files' cost (24.7-24.9 s against 22.7;
     bench/README.md, "Sixth pass")."""
@@ -262,7 +265,7 @@ class _ProcessBatchFn(beam.DoFn):
 class _FoldShardFn(beam.DoFn):
     """(shard, [pickled (partner, [Entry tuple])]) -> ((partner, aggregate, key), partial) + type-conflict dead letters
     (+ the kept events' rows in batches, with ``keep_rows``). The fold itself is ``ingest.shard_fold``; where
-    the blobs are spill references (local runs) and rows are not kept, a worker process runs it
+    the blobs are spill references (local runs) and rows are not kept, ``FOLD_WORKERS`` worker processes run it
     (``ingest.fold_worker``: the fold then runs beside this process's rows writer instead of taking turns
     with it for the interpreter's lock)."""
 
@@ -275,7 +278,8 @@ class _FoldShardFn(beam.DoFn):
 
     def setup(self) -> None:
         self._folder = ShardFolder(self._specs, self._keep_rows, self._clock)
-        self._worker: Optional[FoldWorker] = None
+        self._workers: list[FoldWorker] = []
+        self._queued: list[int] = []  # blobs sent to each worker this bundle
 
     def start_bundle(self) -> None:
         # One partial per (partner, aggregate, key) for the whole bundle, not per shard group: a key's events
@@ -286,33 +290,44 @@ class _FoldShardFn(beam.DoFn):
 
     def finish_bundle(self) -> Iterator:
         ts = GlobalWindow().max_timestamp()  # what the shard groups carried (GroupByKey's output, global window)
-        worker, self._worker = self._worker, None
-        if worker is not None:
+        workers, self._workers = self._workers, []
+        if workers:
             try:
-                partials, dups, conflicts, dead = worker.finish()
+                for w in workers:  # every worker finishes its queue at once; then each result is read
+                    w.end()
+                results = [w.result() for w in workers]
             finally:
-                worker.close()
-            self._count(dups, conflicts)
-            for d in dead:
-                yield TaggedOutput(DEAD_LETTER_TAG, WindowedValue(d, ts, (GlobalWindow(),)))
-        else:
-            partials, _, _ = self._folder.take()
+                for w in workers:
+                    w.close()
+            for partials, dups, conflicts, dead in results:
+                self._count(dups, conflicts)
+                for d in dead:
+                    yield TaggedOutput(DEAD_LETTER_TAG, WindowedValue(d, ts, (GlobalWindow(),)))
+                # a key folded by several workers has one partial from each: the combine merges them
+                for pk, part in partials.items():
+                    yield WindowedValue((pk, part), ts, (GlobalWindow(),))
+            return
+        partials, _, _ = self._folder.take()
         for pk, part in partials.items():
             yield WindowedValue((pk, part), ts, (GlobalWindow(),))
 
     def teardown(self) -> None:
-        worker, self._worker = getattr(self, "_worker", None), None
-        if worker is not None:  # a failed bundle: no process is left behind
-            worker.close()
+        workers, self._workers = getattr(self, "_workers", []), []
+        for w in workers:  # a failed bundle: no process is left behind
+            w.close()
 
     def process(self, element) -> Iterator:
         _, groups = element
-        if self._worker is None and FOLD_IN_WORKER and not self._keep_rows:
+        if not self._workers and FOLD_IN_WORKER and not self._keep_rows:
             first = next(iter(groups), b"")
-            if first.startswith(SPILL_REF):  # the worker reads the spill files itself
-                self._worker = FoldWorker(self._specs)
-        if self._worker is not None:
-            self._worker.group(list(groups))
+            if first.startswith(SPILL_REF):  # the workers read the spill files themselves
+                self._workers = [FoldWorker(self._specs) for _ in range(FOLD_WORKERS)]
+                self._queued = [0] * len(self._workers)
+        if self._workers:
+            blobs = list(groups)
+            i = self._queued.index(min(self._queued))  # the least loaded worker takes the whole group
+            self._workers[i].group(blobs)
+            self._queued[i] += len(blobs)
             return
         reader = SpillReader()
         try:

@@ -76,7 +76,16 @@ class FoldWorker:
 
     def finish(self) -> "tuple[dict, int, int, list]":
         """Wait for the fold of every queued group: (partials, dups, conflicts, dead letters)."""
+        self.end()
+        return self.result()
+
+    def end(self) -> None:
+        """Ask for the result of every queued group without waiting for it (several workers then finish
+        together; ``result`` collects it)."""
         self._send(("end",))
+
+    def result(self) -> "tuple[dict, int, int, list]":
+        """The answer to ``end``: (partials, dups, conflicts, dead letters)."""
         try:
             msg = _recv(self._proc.stdout)
         except EOFError as e:

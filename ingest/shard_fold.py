@@ -1,6 +1,6 @@
 """The body of the bounded job's FoldShards step, without Beam: dedup of a shard group's events and their fold
 into per-key partial aggregates. ``ingest.bounded._FoldShardFn`` runs it in the job's process, or, on a local
-run whose dedup blobs are spilled to files, in a worker process (``ingest.fold_worker``), which is why it
+run whose dedup blobs are spilled to files, in worker processes (``ingest.fold_worker``), which is why it
 imports nothing from Beam.
 
 A shard group is the dedup blobs of one event-id shard: each blob is a pickled ``(partner, [entry])`` (or a

@@ -12,6 +12,8 @@ import pytest
 
 from ingest import bounded, progress
 from ingest.bounded import _FoldShardFn
+from state import aggregate as A
+from state import combine as C
 from tests.ingest.test_bounded import COLS, SPEC, _blob, _events, _finals
 
 
@@ -36,8 +38,19 @@ def _spilled(groups: list) -> tuple[list, str]:
     return out, root
 
 
-def _run(groups: list, in_worker: bool) -> tuple[list, list, int]:
+def _merged(finished: list) -> dict:
+    """Final rows per key, the partials of a key folded by several workers merged first (as the combine does)."""
+    plan = A.plan_for(SPEC)
+    per_key: dict = {}
+    for wv in finished:
+        key, part = wv.value
+        per_key[key] = C.merge_partials(per_key[key], part, plan) if key in per_key else part
+    return {k: C.final_rows(p, plan) for k, p in per_key.items()}
+
+
+def _run(groups: list, in_worker: bool, workers: int = 1) -> tuple[list, list, int]:
     bounded.FOLD_IN_WORKER = in_worker
+    before, bounded.FOLD_WORKERS = bounded.FOLD_WORKERS, workers
     try:
         fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False, clock=lambda: 1_800_000_000.0)
         fn.setup()
@@ -53,6 +66,7 @@ def _run(groups: list, in_worker: bool) -> tuple[list, list, int]:
         return partials, dead, progress.duplicates()
     finally:
         bounded.FOLD_IN_WORKER = True
+        bounded.FOLD_WORKERS = before
 
 
 def _conflicting(events: list) -> list:
@@ -62,7 +76,10 @@ def _conflicting(events: list) -> list:
             for i, (e, t, k, v) in enumerate(events)]
 
 
-def test_the_worker_folds_exactly_what_the_job_process_folds():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_the_workers_fold_exactly_what_the_job_process_folds(workers):
+    """One worker, or several (each shard group folded whole by one of them, so a repeat is still seen as one):
+    the same final values, duplicate counts and dead letters as the fold in the job's process."""
     events = _conflicting(_events(900, users=11))
     repeats = [events[3], events[250], events[251], events[700]]
     shards: dict[int, list] = {}
@@ -73,13 +90,16 @@ def test_the_worker_folds_exactly_what_the_job_process_folds():
     try:
         here, dead_here, dups_here = _run(refs, in_worker=False)
         t0 = int(time.time() * 1e6)
-        there, dead_there, dups_there = _run(refs, in_worker=True)
+        there, dead_there, dups_there = _run(refs, in_worker=True, workers=workers)
         t1 = int(time.time() * 1e6)
     finally:
         bounded.remove_spills()
     assert dups_here == dups_there == 4
-    assert _finals(there) == _finals(here) and len(_finals(there)) == 11
-    assert [wv.value[0] for wv in there] == [wv.value[0] for wv in here]  # same keys, same order
+    assert _merged(there) == _merged(here) == _finals(here) and len(_merged(there)) == 11
+    if workers == 1:
+        assert [wv.value[0] for wv in there] == [wv.value[0] for wv in here]  # same keys, same order
+    else:  # 16 groups over 3 workers: a key's events are in every shard, so every worker has a partial of it
+        assert len(there) == 3 * 11
     assert len({d.coords.rsplit("#", 1)[1] for d in dead_here}) == 36  # every conflicting event, once or more
     # the same dead letters; the worker stamps them with the real clock (the DoFn's test clock stays here)
     assert all(t0 <= d.processing_time_us <= t1 for d in dead_there)
@@ -87,7 +107,8 @@ def test_the_worker_folds_exactly_what_the_job_process_folds():
         sorted(d._replace(processing_time_us=0) for d in dead_here)
 
 
-def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle():
+def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle(monkeypatch):
+    monkeypatch.setattr(bounded, "FOLD_WORKERS", 2)
     events = _events(200, users=4)
     refs, root = _spilled([(0, [_blob(events)])])
     try:
@@ -95,35 +116,37 @@ def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle():
         fn.setup()
         fn.start_bundle()
         list(fn.process(refs[0]))
-        pid = fn._worker.pid
-        assert _alive(pid)
+        pids = [w.pid for w in fn._workers]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)  # one got the group, the other nothing
         assert len(list(fn.finish_bundle())) == 4
-        assert fn._worker is None and not _alive(pid)
+        assert not fn._workers and not any(_alive(p) for p in pids)
         fn.start_bundle()  # in-memory blobs (Dataflow's case): folded here
         list(fn.process((0, [_blob(events)])))
-        assert fn._worker is None
+        assert not fn._workers
         assert len(list(fn.finish_bundle())) == 4
         # rows kept (BigQuery): folded here too, the rows come back with the kept events
         keep = _FoldShardFn({"acme": (SPEC,)}, keep_rows=True)
         keep.setup()
         keep.start_bundle()
         list(keep.process(refs[0]))
-        assert keep._worker is None
+        assert not keep._workers
         list(keep.finish_bundle())
     finally:
         bounded.remove_spills()
 
 
-def test_a_failed_bundle_leaves_no_worker_behind():
+def test_a_failed_bundle_leaves_no_worker_behind(monkeypatch):
+    monkeypatch.setattr(bounded, "FOLD_WORKERS", 3)
     refs, root = _spilled([(0, [_blob(_events(50, users=2))])])
     try:
         fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
         fn.setup()
         fn.start_bundle()
         list(fn.process(refs[0]))
-        pid = fn._worker.pid
+        pids = [w.pid for w in fn._workers]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
         fn.teardown()  # the runner tears the DoFn down after a failed bundle, without finish_bundle
-        assert not _alive(pid)
+        assert not any(_alive(p) for p in pids)
     finally:
         bounded.remove_spills()
 
@@ -135,7 +158,7 @@ def test_a_killed_worker_fails_the_bundle_instead_of_hanging():
         fn.setup()
         fn.start_bundle()
         list(fn.process(refs[0]))
-        pid = fn._worker.pid
+        pid = fn._workers[0].pid
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match=f"fold worker {pid}"):
             list(fn.process(refs[0]))  # its input is gone
@@ -155,7 +178,7 @@ def test_ctrl_c_leaves_the_worker_to_the_job():
         fn.setup()
         fn.start_bundle()
         list(fn.process(refs[0]))
-        pid = fn._worker.pid
+        pid = fn._workers[0].pid
         time.sleep(1.0)  # the worker has set up its handlers
         os.kill(pid, signal.SIGINT)
         assert len(list(fn.finish_bundle())) == 4
