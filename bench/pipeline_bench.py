@@ -19,7 +19,8 @@ JSONL chunks of 10,000 lines, then runs every contender in its own subprocess on
   relational normalizer -> DuckDB (``dlt.pipeline(destination="duckdb").run``).
 
 Per contender: wall seconds, events/s, CPU-seconds (user + system of the subprocess and its children,
-from ``getrusage(RUSAGE_CHILDREN)``) per million events, peak RSS (the subprocess's ``ru_maxrss``), and ratios vs dlt and vs bare Beam
+from ``getrusage(RUSAGE_CHILDREN)``) per million events, peak RSS (the larger of the subprocess's ``ru_maxrss`` and
+the summed RSS of it and its own subprocesses, e.g. the fold worker, sampled every 0.25 s), and ratios vs dlt and vs bare Beam
 measured in the same run. Finally the projected Dataflow cost of 100M events/day at headwater's
 CPU-seconds per event, at the prices in ``DATAFLOW_PRICES`` (list prices, us-central1, quoted with
 their source below; a vCPU-hour only: memory, storage, shuffle and Streaming Engine are extra).
@@ -190,8 +191,52 @@ def _run_dlt(data: Path, work: Path) -> dict:
     return {"seconds": dt, "rows": rows}
 
 
+class _TreeRss:
+    """Peak of the summed RSS of this process and every process under it (the bounded job's fold workers), sampled
+    from /proc every ``interval_s``: ``ru_maxrss`` is one process's peak, and the job's footprint is the sum."""
+
+    def __init__(self, interval_s: float = 0.25):
+        import threading
+
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _sample(root: int) -> int:
+        parent, rss = {}, {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/status") as fh:
+                    fields = dict(ln.split(":", 1) for ln in fh if ":" in ln)
+            except OSError:
+                continue
+            parent[int(d)] = int(fields.get("PPid", "0").strip())
+            rss[int(d)] = int(fields.get("VmRSS", "0 kB").split()[0])
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += rss.get(pid, 0)
+            todo += [c for c, pp in parent.items() if pp == pid]
+        return total
+
+    def _run(self, interval_s: float) -> None:
+        me = os.getpid()
+        while not self._stop.wait(interval_s):
+            self.peak_kb = max(self.peak_kb, self._sample(me))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb / 1024
+
+
 def child(args: argparse.Namespace) -> int:
     data, work = Path(args.data), Path(args.work)
+    tree = _TreeRss() if os.path.isdir("/proc") else None
     extra = [a for a in (args.beam_args or "").split() if a]
     if args.contender == "headwater":
         res = _run_headwater(data, work, True, extra)
@@ -206,7 +251,9 @@ def child(args: argparse.Namespace) -> int:
     import resource
 
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    res["maxrss_mb"] = rss / 1024  # Linux: kilobytes
+    res["maxrss_one_process_mb"] = rss / 1024  # Linux: kilobytes
+    res["tree_rss_mb"] = tree.stop() if tree else 0.0
+    res["maxrss_mb"] = max(rss / 1024, res["tree_rss_mb"])  # the job's footprint: every process of it at once
     print("RESULT " + json.dumps(res))
     return 0
 
@@ -217,7 +264,7 @@ def child(args: argparse.Namespace) -> int:
 def measure(contender: str, data: Path, work: Path, beam_args: str, profile: str | None) -> dict:
     """Run one contender in a fresh subprocess. CPU time: the change in this process's RUSAGE_CHILDREN
     (user + system of the subprocess and everything it spawned); peak RSS: the subprocess's own
-    ``ru_maxrss`` (and its children's), which it reports when done."""
+    ``ru_maxrss`` (and its children's) or, if larger, the peak of their summed RSS, which it reports when done."""
     import resource
 
     cmd = [sys.executable, __file__, "--child", contender, "--data", str(data), "--work", str(work),

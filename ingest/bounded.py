@@ -70,9 +70,12 @@ DEDUP_TAG = "dedup"
 ROWS_TAG = "rows"
 #: Fold the shard groups in worker processes where the dedup blobs are spill files (_FoldShardFn).
 FOLD_IN_WORKER = True
-#: How many fold workers a bundle of shard groups is spread over: one per CPU, at most 4 (a group is folded by
-#: one worker, whole, so dedup stays exact; their partials are merged by the combine after).
-FOLD_WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: How many fold workers a bundle of shard groups is spread over (a group is folded by one worker, whole, so
+#: dedup stays exact; a key folded by several has a partial from each, merged by the combine). One: a key's
+#: events are in every shard, so each worker holds a partial of nearly every key (10M events, 200,000 keys:
+#: ~450 MB per worker); two on 2 CPUs were 4 % faster at 1M events and 20,000 keys but took a 10M-event run
+#: past 1.5 GB (bench/README.md, "Sixth pass"). More pays where CPUs are many and keys few.
+FOLD_WORKERS = 1
 
 
 #: Python's cyclic collector while a bounded job runs in this process: a generation-0 pass every GC_GEN0
@@ -297,14 +300,14 @@ class _FoldShardFn(beam.DoFn):
                     w.end()
                 results = [w.result() for w in workers]
             finally:
-                for w in workers:
+                for w in workers:  # ended before their partials are read (from their files): memory back first
                     w.close()
-            for partials, dups, conflicts, dead in results:
+            for pairs, dups, conflicts, dead in results:
                 self._count(dups, conflicts)
                 for d in dead:
                     yield TaggedOutput(DEAD_LETTER_TAG, WindowedValue(d, ts, (GlobalWindow(),)))
                 # a key folded by several workers has one partial from each: the combine merges them
-                for pk, part in partials.items():
+                for pk, part in pairs:
                     yield WindowedValue((pk, part), ts, (GlobalWindow(),))
             return
         partials, _, _ = self._folder.take()
@@ -321,7 +324,11 @@ class _FoldShardFn(beam.DoFn):
         if not self._workers and FOLD_IN_WORKER and not self._keep_rows:
             first = next(iter(groups), b"")
             if first.startswith(SPILL_REF):  # the workers read the spill files themselves
-                self._workers = [FoldWorker(self._specs) for _ in range(FOLD_WORKERS)]
+                # their partials come back through files beside the spill files (removed when read, or with the
+                # spill directory when the run ends)
+                where = os.path.dirname(first[len(SPILL_REF) + REF.size:].decode())
+                self._workers = [FoldWorker(self._specs, os.path.join(where, f"partials-{uuid.uuid4().hex}.bin"))
+                                 for _ in range(FOLD_WORKERS)]
                 self._queued = [0] * len(self._workers)
         if self._workers:
             blobs = list(groups)

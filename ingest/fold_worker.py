@@ -8,9 +8,12 @@ of the stage before meanwhile. Used only where the dedup blobs are spill referen
 the worker reads the same files); elsewhere (Dataflow) the fold runs in the DoFn as before.
 
 Protocol (pickles, each framed by its length as a little-endian u64) on the worker's stdin/stdout:
-``("init", specs)``, then any number of ``("group", [blob])``; ``("end",)`` is answered with
+``("init", specs)``, then any number of ``("group", [blob])``; ``("end", path)`` is answered with
 ``("result", partials, dups, conflicts, [DeadLetter])`` (or ``("error", traceback)``), after which the
-worker starts afresh; end of input: it exits. Its stderr is the job's.
+worker starts afresh; end of input: it exits. Its stderr is the job's. With a ``path`` the partials are not in
+the answer (``None`` there) but written to that file, as pickled lists of up to ``CHUNK`` ``(key, partial)``
+pairs: the job ends the worker (its memory goes back to the system) before it reads them, a chunk at a time,
+so the partials of every key are never in both processes at once (10M events, 200,000 keys: ~450 MB each).
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ import struct
 import subprocess
 import sys
 import traceback
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 __all__ = ["FoldWorker", "main"]
 
 _LEN = struct.Struct("<Q")
+#: (key, partial) pairs per pickle in a result file.
+CHUNK = 5000
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds the ingest/ package
 
 
@@ -49,7 +54,8 @@ def _recv(fh: BinaryIO) -> Any:
 class FoldWorker:
     """One worker process folding shard groups (``ingest.shard_fold.ShardFolder``) for one bundle."""
 
-    def __init__(self, specs: Mapping[str, tuple]):
+    def __init__(self, specs: Mapping[str, tuple], result_path: "str | None" = None):
+        self._result_path = result_path  # the partials come back through this file (see the module's doc)
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # its own process group: a Ctrl-C on the job's terminal goes to the job, which ends the worker itself
@@ -82,17 +88,19 @@ class FoldWorker:
     def end(self) -> None:
         """Ask for the result of every queued group without waiting for it (several workers then finish
         together; ``result`` collects it)."""
-        self._send(("end",))
+        self._send(("end", self._result_path))
 
-    def result(self) -> "tuple[dict, int, int, list]":
-        """The answer to ``end``: (partials, dups, conflicts, dead letters)."""
+    def result(self) -> "tuple[Iterable, int, int, list]":
+        """The answer to ``end``: ((key, partial) pairs, dups, conflicts, dead letters). With a result file the
+        pairs are read from it lazily (``read_partials``): close the worker first."""
         try:
             msg = _recv(self._proc.stdout)
         except EOFError as e:
             raise RuntimeError(f"fold worker {self.pid} exited (code {self._proc.wait()}) before its result") from e
         if msg[0] == "error":
             raise RuntimeError(f"fold worker {self.pid} failed:\n{msg[1]}")
-        return msg[1], msg[2], msg[3], msg[4]
+        pairs = msg[1].items() if msg[1] is not None else read_partials(self._result_path)
+        return pairs, msg[2], msg[3], msg[4]
 
     def close(self) -> None:
         """End the worker (its input closed: it exits); killed if it has not within 10 s."""
@@ -109,6 +117,31 @@ class FoldWorker:
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+def write_partials(partials: dict, path: str) -> None:
+    """``partials``' (key, partial) pairs to ``path`` in pickled chunks of ``CHUNK``, emptying the dict as it goes."""
+    keys = list(partials)  # in the fold's order (the order the job's process would emit them in)
+    with open(path, "wb") as fh:
+        for i in range(0, len(keys), CHUNK):
+            pickle.dump([(k, partials.pop(k)) for k in keys[i:i + CHUNK]], fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_partials(path: str) -> Iterator[tuple]:
+    """The (key, partial) pairs ``write_partials`` wrote, a chunk in memory at a time; the file is removed after."""
+    try:
+        with open(path, "rb") as fh:
+            while True:
+                try:
+                    chunk = pickle.load(fh)
+                except EOFError:
+                    return
+                yield from chunk
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def main() -> int:
@@ -137,6 +170,10 @@ def main() -> int:
                     dead.append(value)  # keep_rows is off: only dead letters
             elif msg[0] == "end":
                 partials, dups, conflicts = folder.take()
+                path = msg[1] if len(msg) > 1 else None
+                if path is not None:
+                    write_partials(partials, path)
+                    partials = None
                 _send(stdout, ("result", partials, dups, conflicts, dead))
                 dead = []
             else:

@@ -120,6 +120,7 @@ def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle(mo
         assert len(pids) == 2 and all(_alive(p) for p in pids)  # one got the group, the other nothing
         assert len(list(fn.finish_bundle())) == 4
         assert not fn._workers and not any(_alive(p) for p in pids)
+        assert not [f for f in os.listdir(root) if f.startswith("partials-")]  # the result files are read and gone
         fn.start_bundle()  # in-memory blobs (Dataflow's case): folded here
         list(fn.process((0, [_blob(events)])))
         assert not fn._workers
@@ -183,5 +184,37 @@ def test_ctrl_c_leaves_the_worker_to_the_job():
         os.kill(pid, signal.SIGINT)
         assert len(list(fn.finish_bundle())) == 4
         assert not _alive(pid)
+    finally:
+        bounded.remove_spills()
+
+
+def test_partials_come_back_through_a_file_read_after_the_worker_is_gone(tmp_path, monkeypatch):
+    """The partials travel through a file in chunks (never all of them in both processes): every pair, in the
+    fold's order, the file removed once read; the worker has exited before the first pair is read."""
+    from ingest import fold_worker
+
+    monkeypatch.setattr(fold_worker, "CHUNK", 7)
+    partials = {("acme", "a", f"u{i}"): [i, [i], {}] for i in range(50)}
+    path = str(tmp_path / "partials.bin")
+    fold_worker.write_partials(dict(partials), path)
+    assert list(fold_worker.read_partials(path)) == list(partials.items())
+    assert not os.path.exists(path)
+
+    events = _events(300, users=9)
+    refs, root = _spilled([(0, [_blob(events[:150])]), (1, [_blob(events[150:])])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        for g in refs:
+            list(fn.process(g))
+        pids = [w.pid for w in fn._workers]
+        out = fn.finish_bundle()
+        first = next(out)
+        assert not any(_alive(p) for p in pids)
+        rest = list(out)
+        assert len([first, *rest]) == 9
+        assert _finals([first, *rest]) == _finals(_run(refs, in_worker=False)[0])
+        assert not [f for f in os.listdir(root) if f.startswith("partials-")]
     finally:
         bounded.remove_spills()
