@@ -85,7 +85,8 @@ class ShardFolder:
     type conflicts and, with ``keep_rows``, ``("rows", [TableRow])`` batches of the kept events' rows."""
 
     def __init__(self, specs: Mapping[str, tuple], keep_rows: bool, clock=time.time):
-        self.plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a)) for a in aggs)
+        self.plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a), C.adder(A.plan_for(a), metric_columns(a)))
+                               for a in aggs)
                       for p, aggs in specs.items()}
         self.keep_rows = keep_rows
         self.clock = clock
@@ -152,15 +153,14 @@ class ShardFolder:
         partials = self.partials
         plans = self.plans[partner]
         for i, key, values in aggs:
-            name, plan, cols = plans[i]
-            vals = dict(zip(cols, values))
+            name, plan, cols, add = plans[i]
             pk = (partner, name, key)
             part = partials.get(pk)
             if part is None:
                 part = partials[pk] = C.new_partial(plan)
-            for r in C.add_event(part, t_us, event_id, vals, plan):
+            for r in add(part, t_us, event_id, values):  # C.add_event, compiled for the plan (C.adder)
                 self.conflicts += 1
-                payload = orjson.dumps(vals)
+                payload = orjson.dumps(dict(zip(cols, values)))
                 yield "dead", DeadLetter(
                     partner=partner, source="aggregate", coords=f"{name}:{key}#{event_id}", payload=payload,
                     payload_ref=sha(payload), error_class="TypeConflict", reason=Reason.TYPE_CONFLICT,

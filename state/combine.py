@@ -22,12 +22,12 @@ with its fast primitives coder; nothing here depends on ``AggState``'s layout).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from state import aggregate as A
 from state import metrics as M
 
-__all__ = ["new_partial", "add_event", "merge_partials", "final_rows", "final_as_of", "conflicts", "Partial"]
+__all__ = ["new_partial", "add_event", "adder", "merge_partials", "final_rows", "final_as_of", "conflicts", "Partial"]
 
 Partial = list  # [max_event_us: int, lifetime: list[acc], buckets: dict[int, list[acc]]]
 
@@ -88,6 +88,96 @@ def add_event(p: Partial, t_us: int, event_id: str, values: Mapping[str, Any], p
         except M.TypeConflict as e:
             rejections.append(A.Rejection("type_conflict", f"metric {plan.names[i]!r} column {col!r}: {e}"))
     return rejections
+
+
+_NO_REJECTIONS: tuple = ()
+
+
+def adder(plan: A.Plan, cols: Sequence[str]) -> Callable[[Partial, int, str, tuple], Sequence[A.Rejection]]:
+    """``add_event`` compiled for one plan and one values layout: ``add(p, t_us, event_id, values)`` where
+    ``values[i]`` is column ``cols[i]`` (``ingest.batch.metric_columns``: what the bounded job's dedup entries
+    carry). Same partial, same rejections as ``add_event(p, t_us, event_id, dict(zip(cols, values)), plan)``
+    (``tests/state/test_combine.py`` compares them on random inputs), in about half the time: the metrics
+    are unrolled into one function with the common cases inline (counts, times, int and finite float sums,
+    min/max of numbers, latest, distinct's exact set) and ``metrics.add`` for the rest (distinct's sketch,
+    anything unusual, every type conflict). The bounded fold calls this once per kept event and aggregate (bench/README.md, "Sixth pass")."""
+    cols = tuple(cols)
+    at = {c: i for i, c in enumerate(cols)}
+    g = plan.bucket_us
+    env: dict = {"_keep_from": _keep_from, "_prune": _prune, "_grow": M._grow, "_add": M.add, "_TypeConflict": M.TypeConflict,
+                 "_Rejection": A.Rejection, "_NONE": _NO_REJECTIONS, "_dkey": M._dkey, "_slow": add_event, "plan": plan, "_cols": cols}
+    out = ["def add(p, t_us, event_id, values):",
+           f"    if len(values) != {len(cols)}:",
+           "        return _slow(p, t_us, event_id, dict(zip(_cols, values)), plan)",
+           "    if t_us > p[0]:",
+           "        p[0] = t_us"]
+    if g is not None:
+        fresh = "[" + ", ".join(repr(M.new_acc(f)) for f in plan.fns) + "]"
+        out += [f"    b = t_us - t_us % {g}",
+                "    buckets = p[2]",
+                "    bucket = buckets.get(b)",
+                "    if bucket is None and b >= _keep_from(plan, p[0]):",
+                f"        bucket = buckets[b] = {fresh}",
+                f"        if len(buckets) * {g} > {plan.max_window_us + 2 * g}:",
+                "            _prune(p, plan)"]
+    else:
+        out.append("    bucket = None")
+    out += ["    life = p[1]", "    rej = _NONE"]
+
+    def both(lines: list, pad: str) -> list:
+        """``lines`` (on ``acc``, written back as ``ACC``) for the lifetime accumulator, then the bucket's."""
+        res = [pad + ln.replace("ACC", "life[I]") for ln in lines]
+        res.append(pad + "if bucket is not None:")
+        res += [pad + "    " + ln.replace("ACC", "bucket[I]") for ln in lines]
+        return res
+
+    for i, (fn, col) in enumerate(zip(plan.fns, plan.columns)):
+        body: list = []
+        if fn == "count":
+            body = both(["ACC += 1"], "    ")
+        elif fn in ("first_seen", "last_seen"):
+            cmp = "<" if fn == "first_seen" else ">"
+            body = both(["a = ACC", f"if a is None or t_us {cmp} a:", "    ACC = t_us"], "    ")
+        elif col:
+            env[f"_F{i}"] = fn
+            env[f"_M{i}"] = f"metric {plan.names[i]!r} column {col!r}: "
+            generic = ["try:",
+                       f"    life[I] = _add(_F{i}, life[I], v, t_us, event_id, {plan.threshold}, {plan.p})",
+                       "    if bucket is not None:",
+                       f"        bucket[I] = _add(_F{i}, bucket[I], v, t_us, event_id, {plan.threshold}, {plan.p})",
+                       "except _TypeConflict as e:",
+                       "    if rej is _NONE:",
+                       "        rej = []",
+                       f"    rej.append(_Rejection('type_conflict', _M{i} + str(e)))"]
+            body = [f"    v = values[{at[col]}]", "    if v is not None:"]
+            number = "(v.__class__ is int or (v.__class__ is float and v - v == 0.0))"  # not bool; finite
+            if fn in ("sum", "avg"):
+                body += [f"        if v.__class__ is int:"]
+                body += both(["a = ACC", "a[0] += v", "a[2] += 1"], "            ")
+                body += ["        elif v.__class__ is float and v - v == 0.0:"]
+                body += both(["a = ACC", "a[1] = _grow(a[1], v)", "a[2] += 1"], "            ")
+                body += ["        else:"] + ["            " + ln for ln in generic]
+            elif fn in ("min", "max"):
+                cmp = "<" if fn == "min" else ">"
+                body += [f"        if {number}:"]
+                body += both(["a = ACC", f"if a is None or v {cmp} a:", "    ACC = v"], "            ")
+                body += ["        else:"] + ["            " + ln for ln in generic]
+            elif fn == "latest":
+                body += both(["a = ACC", "if a is None or (t_us, event_id) > (a[0], a[1]):",
+                              "    ACC = [t_us, event_id, v]"], "        ")
+            elif fn == "distinct":  # the exact set inline (a new list, as metrics.add makes); the sketch via metrics.add
+                body += ["        k = _dkey(v)"]
+                body += both(["a = ACC", "if a[0] != 'x':", f"    ACC = _add(_F{i}, a, v, t_us, event_id, {plan.threshold}, {plan.p})",
+                              "elif k not in a[1]:", f"    if len(a[1]) < {plan.threshold}:", "        ACC = ['x', a[1] + [k]]",
+                              "    else:", f"        ACC = _add(_F{i}, a, v, t_us, event_id, {plan.threshold}, {plan.p})"],
+                             "        ")
+            else:  # any metric added later: the reference implementation
+                body += ["        " + ln for ln in generic]
+        # else: a metric without a column reads None: metrics.add leaves its accumulator as it is
+        out += [ln.replace("[I]", f"[{i}]") for ln in body]
+    out.append("    return rej")
+    exec(compile("\n".join(out) + "\n", f"<combine.adder {plan.names}>", "exec"), env)  # noqa: S102 - our own code
+    return env["add"]
 
 
 def _merge_accs(plan: A.Plan, a: list, b: list) -> list:

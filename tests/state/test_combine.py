@@ -100,3 +100,56 @@ def test_one_final_row_per_window_and_old_buckets_dropped():
     rows = C.final_rows(p, plan)
     assert [r.window for r in rows] == ["lifetime", "1d", "7d", "30d"]
     assert rows[0].metrics["events"] == 200 and all(r.final for r in rows)
+
+
+ODD_VALUES = [1, 2, -7, 0, 10**30, -(10**25), 0.1, 0.25, -3.5, 1e16, 1e308, float("inf"), float("-inf"),
+              float("nan"), True, False, None, "x", "1", "", {"a": 1}, [1, 2], 2.0, -0.0]
+
+
+# distinct keys values by their JSON text: what orjson cannot write (ints past 64 bits) never reaches it (parsed JSON)
+SKU_VALUES = [v for v in ODD_VALUES if not (isinstance(v, int) and abs(v) >= 2**63)] + [f"s{k}" for k in range(9)]
+
+
+def _odd_events(rnd, n, span_us, t0=1_780_000_000 * S):
+    """Events whose metric values are every odd case: big ints, non-finite floats, bools, text, objects, nulls."""
+    return [(t0 + rnd.randrange(span_us), f"e{rnd.randrange(n):05d}",
+             {"amount": rnd.choice(ODD_VALUES), "sku": rnd.choice(SKU_VALUES),
+              "plan": rnd.choice(ODD_VALUES + ["free", "pro"])}) for _ in range(n)]
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 10**9), n=st.integers(1, 120), spec_i=st.integers(0, len(SPECS) - 1),
+       span=st.sampled_from([30 * MIN, 5 * H, 3 * D, 60 * D, 400 * D]), odd=st.booleans())
+def test_the_compiled_adder_folds_exactly_what_add_event_folds(seed, n, spec_i, span, odd):
+    """``adder`` (the bounded fold's hot path: metrics unrolled, common cases inline) against ``add_event`` (the
+    reference): the same partial after every event, with the same types (1 stays an int, 2.0 a float), and the
+    same rejections in the same order."""
+    rnd = random.Random(seed)
+    plan = A.plan_for(SPECS[spec_i])
+    cols = ("plan", "amount", "sku")  # any order: the values tuple follows it
+    add = C.adder(plan, cols)
+    events = (_odd_events if odd else random_events)(rnd, n, span)
+    want, got = C.new_partial(plan), C.new_partial(plan)
+    for t, eid, values in events:
+        want_rej = C.add_event(want, t, eid, values, plan)
+        got_rej = add(got, t, eid, tuple(values.get(c) for c in cols))
+        assert list(got_rej) == want_rej
+        assert repr(got) == repr(want)  # repr: exact types, and nan equal to nan
+    assert _outcome(C.final_rows, got, plan) == _outcome(C.final_rows, want, plan)
+
+
+def _outcome(fn, *args) -> str:
+    """repr of what ``fn`` returns or raises (a sum past the float range makes ``math.fsum`` raise in both)."""
+    try:
+        return repr(fn(*args))
+    except (ValueError, OverflowError) as e:
+        return f"raised {type(e).__name__}: {e}"
+
+
+def test_the_compiled_adder_takes_a_short_values_tuple_as_missing_columns():
+    plan = A.plan_for(SPECS[0])
+    add = C.adder(plan, ("amount", "sku", "plan"))
+    want, got = C.new_partial(plan), C.new_partial(plan)
+    C.add_event(want, 1_780_000_000 * S, "e1", {"amount": 3}, plan)
+    add(got, 1_780_000_000 * S, "e1", (3,))
+    assert repr(got) == repr(want)
