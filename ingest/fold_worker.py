@@ -58,9 +58,11 @@ class FoldWorker:
         self._result_path = result_path  # the partials come back through this file (see the module's doc)
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        # its own process group: a Ctrl-C on the job's terminal goes to the job, which ends the worker itself
+        # its own process group: a Ctrl-C on the job's terminal goes to the job, which ends the worker itself;
+        # run from this code's root (``-m`` puts the working directory first on the path: a job started where
+        # another ``ingest/`` package lies would otherwise fold with that code)
         self._proc = subprocess.Popen([sys.executable, "-m", "ingest.fold_worker"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, process_group=0)
+                                      stdout=subprocess.PIPE, env=env, cwd=_ROOT, process_group=0)
         self.pid = self._proc.pid
         self._send(("init", dict(specs)))
 

@@ -218,3 +218,24 @@ def test_partials_come_back_through_a_file_read_after_the_worker_is_gone(tmp_pat
         assert not [f for f in os.listdir(root) if f.startswith("partials-")]
     finally:
         bounded.remove_spills()
+
+
+def test_the_worker_runs_this_code_wherever_the_job_was_started(tmp_path, monkeypatch):
+    """``python -m`` puts the working directory first on the path: a job started next to another ``ingest/``
+    package must still fold with its own code (the worker runs from the code's root)."""
+    impostor = tmp_path / "ingest"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "fold_worker.py").write_text("import sys\nsys.exit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    events = _events(120, users=3)
+    refs, root = _spilled([(0, [_blob(events)])])
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
+        fn.setup()
+        fn.start_bundle()
+        list(fn.process(refs[0]))
+        assert len(list(fn.finish_bundle())) == 3
+        fn.teardown()
+    finally:
+        bounded.remove_spills()
