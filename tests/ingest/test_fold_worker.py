@@ -3,6 +3,7 @@ dead letters as the fold in the job's process; no process left behind, whether t
 worker is killed (a real SIGKILL)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -46,6 +47,22 @@ def _merged(finished: list) -> dict:
         key, part = wv.value
         per_key[key] = C.merge_partials(per_key[key], part, plan) if key in per_key else part
     return {k: C.final_rows(p, plan) for k, p in per_key.items()}
+
+
+@contextlib.contextmanager
+def _folding(groups: list, keep_rows: bool = False):
+    """A FoldShards DoFn in a bundle that has processed ``groups`` (spilled as on a local runner): (fn, refs, spill
+    directory); the spill files are removed after."""
+    refs, root = _spilled(groups)
+    try:
+        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=keep_rows)
+        fn.setup()
+        fn.start_bundle()
+        for g in refs:
+            list(fn.process(g))
+        yield fn, refs, root
+    finally:
+        bounded.remove_spills()
 
 
 def _run(groups: list, in_worker: bool, workers: int = 1) -> tuple[list, list, int]:
@@ -110,12 +127,7 @@ def test_the_workers_fold_exactly_what_the_job_process_folds(workers):
 def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle(monkeypatch):
     monkeypatch.setattr(bounded, "FOLD_WORKERS", 2)
     events = _events(200, users=4)
-    refs, root = _spilled([(0, [_blob(events)])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        list(fn.process(refs[0]))
+    with _folding([(0, [_blob(events)])]) as (fn, refs, root):
         pids = [w.pid for w in fn._workers]
         assert len(pids) == 2 and all(_alive(p) for p in pids)  # one got the group, the other nothing
         assert len(list(fn.finish_bundle())) == 4
@@ -132,33 +144,19 @@ def test_only_spilled_groups_go_to_a_worker_and_no_worker_outlives_its_bundle(mo
         list(keep.process(refs[0]))
         assert not keep._workers
         list(keep.finish_bundle())
-    finally:
-        bounded.remove_spills()
 
 
 def test_a_failed_bundle_leaves_no_worker_behind(monkeypatch):
     monkeypatch.setattr(bounded, "FOLD_WORKERS", 3)
-    refs, root = _spilled([(0, [_blob(_events(50, users=2))])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        list(fn.process(refs[0]))
+    with _folding([(0, [_blob(_events(50, users=2))])]) as (fn, _, _):
         pids = [w.pid for w in fn._workers]
         assert len(pids) == 3 and all(_alive(p) for p in pids)
         fn.teardown()  # the runner tears the DoFn down after a failed bundle, without finish_bundle
         assert not any(_alive(p) for p in pids)
-    finally:
-        bounded.remove_spills()
 
 
 def test_a_killed_worker_fails_the_bundle_instead_of_hanging():
-    refs, root = _spilled([(0, [_blob(_events(50, users=2))])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        list(fn.process(refs[0]))
+    with _folding([(0, [_blob(_events(50, users=2))])]) as (fn, refs, _):
         pid = fn._workers[0].pid
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match=f"fold worker {pid}"):
@@ -166,26 +164,17 @@ def test_a_killed_worker_fails_the_bundle_instead_of_hanging():
             list(fn.finish_bundle())
         fn.teardown()
         assert not _alive(pid)
-    finally:
-        bounded.remove_spills()
 
 
 def test_ctrl_c_leaves_the_worker_to_the_job():
     """SIGINT reaches the whole process group on a terminal: the job decides (it stops or closes the worker),
     so the worker neither dies with a traceback nor loses the groups it holds."""
-    refs, root = _spilled([(0, [_blob(_events(200, users=4))])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        list(fn.process(refs[0]))
+    with _folding([(0, [_blob(_events(200, users=4))])]) as (fn, _, _):
         pid = fn._workers[0].pid
         time.sleep(1.0)  # the worker has set up its handlers
         os.kill(pid, signal.SIGINT)
         assert len(list(fn.finish_bundle())) == 4
         assert not _alive(pid)
-    finally:
-        bounded.remove_spills()
 
 
 def test_partials_come_back_through_a_file_read_after_the_worker_is_gone(tmp_path, monkeypatch):
@@ -201,13 +190,7 @@ def test_partials_come_back_through_a_file_read_after_the_worker_is_gone(tmp_pat
     assert not os.path.exists(path)
 
     events = _events(300, users=9)
-    refs, root = _spilled([(0, [_blob(events[:150])]), (1, [_blob(events[150:])])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        for g in refs:
-            list(fn.process(g))
+    with _folding([(0, [_blob(events[:150])]), (1, [_blob(events[150:])])]) as (fn, refs, root):
         pids = [w.pid for w in fn._workers]
         out = fn.finish_bundle()
         first = next(out)
@@ -216,8 +199,6 @@ def test_partials_come_back_through_a_file_read_after_the_worker_is_gone(tmp_pat
         assert len([first, *rest]) == 9
         assert _finals([first, *rest]) == _finals(_run(refs, in_worker=False)[0])
         assert not [f for f in os.listdir(root) if f.startswith("partials-")]
-    finally:
-        bounded.remove_spills()
 
 
 def test_the_worker_runs_this_code_wherever_the_job_was_started(tmp_path, monkeypatch):
@@ -228,14 +209,6 @@ def test_the_worker_runs_this_code_wherever_the_job_was_started(tmp_path, monkey
     (impostor / "__init__.py").write_text("")
     (impostor / "fold_worker.py").write_text("import sys\nsys.exit(7)\n")
     monkeypatch.chdir(tmp_path)
-    events = _events(120, users=3)
-    refs, root = _spilled([(0, [_blob(events)])])
-    try:
-        fn = _FoldShardFn({"acme": (SPEC,)}, keep_rows=False)
-        fn.setup()
-        fn.start_bundle()
-        list(fn.process(refs[0]))
+    with _folding([(0, [_blob(_events(120, users=3))])]) as (fn, _, _):
         assert len(list(fn.finish_bundle())) == 3
         fn.teardown()
-    finally:
-        bounded.remove_spills()
