@@ -114,7 +114,7 @@ def bounded_settings(thresholds: tuple = GC_THRESHOLDS, switch_s: float = SWITCH
 
 def defer_rows_writes(contract: Contract) -> bool:
     """Whether a local bounded run of ``contract`` defers its rows writes: only with aggregates. The rows
-    stage then ends ~20 % sooner and the fold (in its worker processes) runs while the writer catches up; a
+    stage then ends ~20 % sooner and the fold (in its worker process) runs while the writer catches up; a
     1M-event run took 31.7-33.7 s against 34.6-34.9. Without aggregates nothing follows the rows stage and
     the writer is the run's length: deferring only adds the spill files' cost (24.7-24.9 s against 22.7;
     bench/README.md, "Sixth pass")."""

@@ -82,11 +82,6 @@ class FoldWorker:
         """Queue a shard group (spill references). Returns when the worker's input pipe has taken it."""
         self._send(("group", blobs))
 
-    def finish(self) -> "tuple[dict, int, int, list]":
-        """Wait for the fold of every queued group: (partials, dups, conflicts, dead letters)."""
-        self.end()
-        return self.result()
-
     def end(self) -> None:
         """Ask for the result of every queued group without waiting for it (several workers then finish
         together; ``result`` collects it)."""
