@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import threading
 import time
 from typing import Iterator, Sequence, TextIO
@@ -27,6 +26,7 @@ from backfill.ledger import Counts, summary_line
 from backfill.planner import make_target
 from backfill.signals import Stopped, exit_code, stop_on_signals
 from backfill.spec import BackfillSpec
+from ingest import scratch
 from ingest.contract import Contract, ContractError
 
 __all__ = ["run_backfill", "Stopped", "summary_line"]
@@ -39,7 +39,7 @@ def _params(spec: BackfillSpec, target) -> dict:
 
 def _spool(patterns: Sequence[str]) -> tuple[str, int, int]:
     """List once into a temporary NDJSON file: (path, chunks, bytes)."""
-    fd, path = tempfile.mkstemp(prefix="headwater-backfill-", suffix=".jsonl")
+    fd, path = scratch.new_file("backfill", ".jsonl")  # removed when the run ends, or by the next run if killed
     n = total = 0
     with os.fdopen(fd, "wb") as fh:
         for c in iter_chunks(patterns):

@@ -33,7 +33,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -47,7 +46,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from flatten.records import RawMessage
-from ingest import progress
+from ingest import progress, scratch
 from ingest.batch import BatchProcessor
 from ingest.contract import Contract, FileSource
 from ingest.file_source import DEAD_LETTER_TAG, _ReadFileFn
@@ -397,25 +396,9 @@ class _Spill:
 def spill_dir() -> str:
     """A new spill directory for a bounded job of this process, removed by ``remove_spills`` (after the run).
     Directories left by processes that no longer run (killed: no cleanup ran) are removed first."""
-    root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        if name.startswith("headwater-spill-"):
-            pid = name.split("-")[2]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    path = os.path.join(root, f"headwater-spill-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    path = scratch.new_dir("spill", create=False)  # made by the first blob written (_Spill.put)
     _SPILL_DIRS.append(path)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_spills() -> None:

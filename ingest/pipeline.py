@@ -316,11 +316,13 @@ def _end_local_job(stop_runner: bool = True) -> None:
     from ingest.unbounded import stop_loops
     from sinks import ledger
     from sinks.duckdb_store import release_held
+    from ingest.recovery import remove_snapshots
     from state.mirror import forget as forget_mirrors
 
     try:
         stop_loops(final=True)
     finally:
+        remove_snapshots()  # the start-up snapshots of its state (read when its workers started)
         release_held()  # the sink's held write connection: checkpointed, the file free for other processes
         forget_mirrors()  # state.mirror: the job's in-process copies of its state
         ledger.reset()

@@ -23,15 +23,17 @@ memory, and one state per aggregate key).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
-import tempfile
+import shutil
 import threading
 import time
 from typing import Any, NamedTuple, Optional
 
 from flatten.records import AggregateRow
+from ingest import scratch
 
 __all__ = ["Recovery", "SeenIds", "AggregateSeed", "prepare_recovery"]
 
@@ -163,6 +165,18 @@ def _fold(contract, partners: list, emitted_us: int) -> tuple[dict, list[Aggrega
     return seed, repair
 
 
+_FOLDERS: list = []  # snapshot folders made by this process
+
+
+def remove_snapshots() -> None:
+    """Remove this process's start-up snapshots (the job has ended: its workers read them at start-up)."""
+    while _FOLDERS:
+        shutil.rmtree(_FOLDERS.pop(), ignore_errors=True)
+
+
+atexit.register(remove_snapshots)
+
+
 def prepare_recovery(contract, dedup_window_s: float = 86_400.0) -> Recovery:
     """Build the start-up snapshots of a local streaming job (see the module docstring).
 
@@ -174,7 +188,8 @@ def prepare_recovery(contract, dedup_window_s: float = 86_400.0) -> Recovery:
     if not live or (contract.warehouse.kind == "duckdb" and not os.path.exists(contract.warehouse.path)):
         return Recovery(None, None, 0)  # nothing durable yet: a first start
     started = time.monotonic()
-    folder = tempfile.mkdtemp(prefix="headwater-recovery-")
+    folder = scratch.new_dir("recovery")  # removed when the job ends (remove_snapshots), or by the next start
+    _FOLDERS.append(folder)
     if contract.warehouse.kind == "duckdb":
         ids = _event_ids_duckdb(contract, live)
     else:

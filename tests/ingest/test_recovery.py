@@ -8,6 +8,8 @@ exactly the folded state of every key, and seed dedup with every event id of the
 """
 from __future__ import annotations
 
+import os
+
 import pickle
 
 import apache_beam as beam
@@ -85,6 +87,14 @@ def test_restart_rebuilds_state_seeds_dedup_and_repairs_lagging_aggregates(tmp_p
         assert st.version >= max(v.version for (p, a, k, w), v in latest.items() if (p, a, k) == key)
         assert not st.dirty  # its current values are in the table: nothing to emit until a new event
     assert max(r.version for r in latest.values()) >= top_before
+    # the snapshots are the job's start-up input: gone when the job ends (ingest.pipeline._end_local_job)
+    folder = os.path.dirname(rec.seen.path)
+    assert os.path.dirname(rec.states.path) == folder and os.path.basename(folder).startswith(
+        f"headwater-recovery-{os.getpid()}-")
+    from ingest.pipeline import _end_local_job
+
+    _end_local_job(stop_runner=False)
+    assert not os.path.exists(folder)
 
 
 def test_a_first_start_has_nothing_to_resume(tmp_path):
