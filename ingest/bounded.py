@@ -26,12 +26,10 @@ the per-element pipeline kept whichever arrived first, so neither was determinis
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import gc
 import os
 import pickle
-import shutil
 import sys
 import time
 import uuid
@@ -51,7 +49,7 @@ from ingest.batch import BatchProcessor
 from ingest.contract import Contract, FileSource
 from ingest.file_source import DEAD_LETTER_TAG, _ReadFileFn
 from ingest.fold_worker import FoldWorker
-from ingest.shard_fold import REF, SPILL_REF, ShardFolder, SpillReader, order
+from ingest.shard_fold import REF, SPILL_REF, ShardFolder, SpillReader, order, spill_file
 from ingest.sources import source_labels
 from state.bounded import FinalAggregates
 from state.spec import AggregateSpec
@@ -325,7 +323,7 @@ class _FoldShardFn(beam.DoFn):
             if first.startswith(SPILL_REF):  # the workers read the spill files themselves
                 # their partials come back through files beside the spill files (removed when read, or with the
                 # spill directory when the run ends)
-                where = os.path.dirname(first[len(SPILL_REF) + REF.size:].decode())
+                where = os.path.dirname(spill_file(first))
                 self._workers = [FoldWorker(self._specs, os.path.join(where, f"partials-{uuid.uuid4().hex}.bin"))
                                  for _ in range(FOLD_WORKERS)]
                 self._queued = [0] * len(self._workers)
@@ -355,7 +353,6 @@ class _FoldShardFn(beam.DoFn):
 
 
 _SPILL_REF, _REF = SPILL_REF, REF  # a spilled blob's reference (ingest.shard_fold)
-_SPILL_DIRS: list = []  # spill directories made by this process's bounded jobs (removed after the run)
 
 
 class _Spill:
@@ -396,18 +393,12 @@ class _Spill:
 def spill_dir() -> str:
     """A new spill directory for a bounded job of this process, removed by ``remove_spills`` (after the run).
     Directories left by processes that no longer run (killed: no cleanup ran) are removed first."""
-    path = scratch.new_dir("spill", create=False)  # made by the first blob written (_Spill.put)
-    _SPILL_DIRS.append(path)
-    return path
+    return scratch.new_dir("spill", create=False)  # made by the first blob written (_Spill.put)
 
 
 def remove_spills() -> None:
     """Remove this process's spill directories (``bounded_settings`` calls it when a bounded run ends)."""
-    while _SPILL_DIRS:
-        shutil.rmtree(_SPILL_DIRS.pop(), ignore_errors=True)
-
-
-atexit.register(remove_spills)
+    scratch.remove_mine("spill")
 
 
 #: Runners whose workers run on this machine (in this process or its children) and hold shuffled data in

@@ -23,11 +23,9 @@ memory, and one state per aggregate key).
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import pickle
-import shutil
 import threading
 import time
 from typing import Any, NamedTuple, Optional
@@ -165,16 +163,9 @@ def _fold(contract, partners: list, emitted_us: int) -> tuple[dict, list[Aggrega
     return seed, repair
 
 
-_FOLDERS: list = []  # snapshot folders made by this process
-
-
 def remove_snapshots() -> None:
     """Remove this process's start-up snapshots (the job has ended: its workers read them at start-up)."""
-    while _FOLDERS:
-        shutil.rmtree(_FOLDERS.pop(), ignore_errors=True)
-
-
-atexit.register(remove_snapshots)
+    scratch.remove_mine("recovery")
 
 
 def prepare_recovery(contract, dedup_window_s: float = 86_400.0) -> Recovery:
@@ -189,7 +180,6 @@ def prepare_recovery(contract, dedup_window_s: float = 86_400.0) -> Recovery:
         return Recovery(None, None, 0)  # nothing durable yet: a first start
     started = time.monotonic()
     folder = scratch.new_dir("recovery")  # removed when the job ends (remove_snapshots), or by the next start
-    _FOLDERS.append(folder)
     if contract.warehouse.kind == "duckdb":
         ids = _event_ids_duckdb(contract, live)
     else:

@@ -23,7 +23,7 @@ from ingest.batch import metric_columns
 from state import aggregate as A
 from state import combine as C
 
-__all__ = ["ShardFolder", "SpillReader", "entries", "SPILL_REF", "REF", "AGG_STEP"]
+__all__ = ["ShardFolder", "SpillReader", "entries", "spill_file", "SPILL_REF", "REF", "AGG_STEP"]
 
 AGG_STEP = "ComputeAggregates/AggregatePerKey"  # the step name in aggregate dead letters (as ComputeAggregates)
 #: A dedup blob spilled to a file is replaced by a reference: this prefix (a zlib stream starts with 0x78),
@@ -38,6 +38,11 @@ def entries(blob: bytes) -> tuple:
     return pickle.loads(blob if blob[:1] == b"\x80" else zlib.decompress(blob))
 
 
+def spill_file(ref: bytes) -> str:
+    """The path of the spill file a spill reference points into."""
+    return ref[len(SPILL_REF) + REF.size:].decode()
+
+
 class SpillReader:
     """Resolves blobs that are spill references (``ingest.bounded._Spill``); other blobs are returned as they are."""
 
@@ -47,9 +52,8 @@ class SpillReader:
     def blob(self, blob: bytes) -> bytes:
         if not blob.startswith(SPILL_REF):
             return blob
-        n = len(SPILL_REF)
-        offset, length = REF.unpack_from(blob, n)
-        path = blob[n + REF.size:].decode()
+        offset, length = REF.unpack_from(blob, len(SPILL_REF))
+        path = spill_file(blob)
         fh = self._files.get(path)
         if fh is None:
             fh = self._files[path] = open(path, "rb")
@@ -79,15 +83,19 @@ def sha(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
+def _plan(spec) -> tuple:
+    """(name, plan, values columns, compiled add_event) of one aggregate."""
+    plan, cols = A.plan_for(spec), metric_columns(spec)
+    return spec.name, plan, cols, C.adder(plan, cols)
+
+
 class ShardFolder:
     """Folds shard groups into ``partials``: ``{(partner, aggregate, key): partial}`` (state.combine), one per
     key for everything folded since the last ``take()``. ``group`` yields ``("dead", DeadLetter)`` for metric
     type conflicts and, with ``keep_rows``, ``("rows", [TableRow])`` batches of the kept events' rows."""
 
     def __init__(self, specs: Mapping[str, tuple], keep_rows: bool, clock=time.time):
-        self.plans = {p: tuple((a.name, A.plan_for(a), metric_columns(a), C.adder(A.plan_for(a), metric_columns(a)))
-                               for a in aggs)
-                      for p, aggs in specs.items()}
+        self.plans = {p: tuple(_plan(a) for a in aggs) for p, aggs in specs.items()}
         self.keep_rows = keep_rows
         self.clock = clock
         self.partials: dict = {}
