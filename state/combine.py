@@ -141,20 +141,26 @@ def adder(plan: A.Plan, cols: Sequence[str]) -> Callable[[Partial, int, str, tup
         elif col:
             env[f"_F{i}"] = fn
             env[f"_M{i}"] = f"metric {plan.names[i]!r} column {col!r}: "
+
+            def ref(acc: str, i: int = i) -> str:
+                """metrics.add of ``v`` into ``acc``: the reference implementation."""
+                return f"_add(_F{i}, {acc}, v, t_us, event_id, {plan.threshold}, {plan.p})"
+
             generic = ["try:",
-                       f"    life[I] = _add(_F{i}, life[I], v, t_us, event_id, {plan.threshold}, {plan.p})",
+                       f"    life[I] = {ref('life[I]')}",
                        "    if bucket is not None:",
-                       f"        bucket[I] = _add(_F{i}, bucket[I], v, t_us, event_id, {plan.threshold}, {plan.p})",
+                       f"        bucket[I] = {ref('bucket[I]')}",
                        "except _TypeConflict as e:",
                        "    if rej is _NONE:",
                        "        rej = []",
                        f"    rej.append(_Rejection('type_conflict', _M{i} + str(e)))"]
             body = [f"    v = values[{at[col]}]", "    if v is not None:"]
-            number = "(v.__class__ is int or (v.__class__ is float and v - v == 0.0))"  # not bool; finite
+            finite = "v.__class__ is float and v - v == 0.0"  # v - v is nan for inf and nan
+            number = f"(v.__class__ is int or ({finite}))"  # not bool (its class is bool)
             if fn in ("sum", "avg"):
-                body += [f"        if v.__class__ is int:"]
+                body += ["        if v.__class__ is int:"]
                 body += both(["a = ACC", "a[0] += v", "a[2] += 1"], "            ")
-                body += ["        elif v.__class__ is float and v - v == 0.0:"]
+                body += [f"        elif {finite}:"]
                 body += both(["a = ACC", "a[1] = _grow(a[1], v)", "a[2] += 1"], "            ")
                 body += ["        else:"] + ["            " + ln for ln in generic]
             elif fn in ("min", "max"):
@@ -167,10 +173,9 @@ def adder(plan: A.Plan, cols: Sequence[str]) -> Callable[[Partial, int, str, tup
                               "    ACC = [t_us, event_id, v]"], "        ")
             elif fn == "distinct":  # the exact set inline (a new list, as metrics.add makes); the sketch via metrics.add
                 body += ["        k = _dkey(v)"]
-                body += both(["a = ACC", "if a[0] != 'x':", f"    ACC = _add(_F{i}, a, v, t_us, event_id, {plan.threshold}, {plan.p})",
+                body += both(["a = ACC", "if a[0] != 'x':", f"    ACC = {ref('a')}",
                               "elif k not in a[1]:", f"    if len(a[1]) < {plan.threshold}:", "        ACC = ['x', a[1] + [k]]",
-                              "    else:", f"        ACC = _add(_F{i}, a, v, t_us, event_id, {plan.threshold}, {plan.p})"],
-                             "        ")
+                              "    else:", f"        ACC = {ref('a')}"], "        ")
             else:  # any metric added later: the reference implementation
                 body += ["        " + ln for ln in generic]
         # else: a metric without a column reads None: metrics.add leaves its accumulator as it is
