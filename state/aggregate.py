@@ -153,13 +153,30 @@ class AggState:
     def to_bytes(self) -> bytes:
         d = {f: getattr(self, f) for f in _FIELDS}  # shallow: dataclasses.asdict deep-copies (slow)
         d["buckets"] = [[b, accs] for b, accs in self.buckets.items()]
-        return orjson.dumps(d)
+        try:
+            return orjson.dumps(d)
+        except TypeError:  # a sum's exact int total past 64 bits (state.metrics): written as its digits
+            d["lifetime"] = _wide_accs(self.lifetime, str)
+            d["buckets"] = [[b, _wide_accs(accs, str)] for b, accs in self.buckets.items()]
+            d["wide"] = True
+            return orjson.dumps(d)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "AggState":
         d = orjson.loads(data)
+        if d.pop("wide", False):
+            d["lifetime"] = _wide_accs(d["lifetime"], int)
+            d["buckets"] = [[b, _wide_accs(accs, int)] for b, accs in d["buckets"]]
         d["buckets"] = {b: accs for b, accs in d["buckets"]}
         return cls(**d)
+
+
+def _wide_accs(accs: list, conv) -> list:
+    """``accs`` with every sum accumulator's int total (``[total, partials, n]``) passed through ``conv``: ``str``
+    to write a total past 64 bits (only states holding one take this path; others are written as before),
+    ``int`` to read it back. No other accumulator has a list as its second item and an int or digits first."""
+    return [[conv(a[0]), a[1], a[2]] if isinstance(a, list) and len(a) == 3 and isinstance(a[1], list)
+            and isinstance(a[0], (int, str)) and not isinstance(a[0], bool) else a for a in accs]
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(AggState))

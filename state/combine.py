@@ -98,7 +98,7 @@ def adder(plan: A.Plan, cols: Sequence[str]) -> Callable[[Partial, int, str, tup
     ``values[i]`` is column ``cols[i]`` (``ingest.batch.metric_columns``: what the bounded job's dedup entries
     carry). Same partial, same rejections as ``add_event(p, t_us, event_id, dict(zip(cols, values)), plan)``
     (``tests/state/test_combine.py`` compares them on random inputs), in about half the time: the metrics
-    are unrolled into one function with the common cases inline (counts, times, int and finite float sums,
+    are unrolled into one function with the common cases inline (counts, times, int sums and float sums of values below 2**53,
     min/max of numbers, latest, distinct's exact set) and ``metrics.add`` for the rest (distinct's sketch,
     anything unusual, every type conflict). The bounded fold calls this once per kept event and aggregate (bench/README.md, "Sixth pass")."""
     cols = tuple(cols)
@@ -160,7 +160,7 @@ def adder(plan: A.Plan, cols: Sequence[str]) -> Callable[[Partial, int, str, tup
             if fn in ("sum", "avg"):
                 body += ["        if v.__class__ is int:"]
                 body += both(["a = ACC", "a[0] += v", "a[2] += 1"], "            ")
-                body += [f"        elif {finite}:"]
+                body += [f"        elif {finite} and -{M.BIG_FLOAT!r} < v < {M.BIG_FLOAT!r}:"]
                 body += both(["a = ACC", "a[1] = _grow(a[1], v)", "a[2] += 1"], "            ")
                 body += ["        else:"] + ["            " + ln for ln in generic]
             elif fn in ("min", "max"):

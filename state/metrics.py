@@ -8,7 +8,14 @@ accumulators (used to read a sliding window out of its buckets) and
 what makes the stream and a bounded backfill agree on final values:
 
 * sums keep an exact integer total plus Shewchuk partials for floats, so the
-  float result is the correctly rounded exact sum whatever the arrival order;
+  float result is the correctly rounded exact sum whatever the arrival order.
+  They never overflow: a float of magnitude >= 2**53 is an integer, so it goes
+  into the exact integer total (the partials then only sum values below 2**53,
+  which no realistic count of events can take past the float range). A total
+  that the warehouse's JSON number cannot hold (an integer outside the 64-bit
+  range, a float sum past +-1.8e308) is written as a JSON *string* holding its
+  exact decimal digits (integers) or its value to 17 significant digits
+  (floats): see :func:`result` and docs/state.md, "Sums past the number range";
 * ``latest`` keeps ``(event_time_us, event_id, value)`` and the maximum wins,
   ties broken by event id;
 * distinct counts keep the exact set up to ``threshold`` values, then a
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import base64
 import math
+from decimal import Decimal, localcontext
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -71,15 +80,57 @@ def _grow(partials: list[float], x: float) -> list[float]:
     return out
 
 
+#: Floats of at least this magnitude are integers (53-bit significand): a sum adds them to its exact int total.
+BIG_FLOAT = 2.0**53
+#: What a JSON number in the warehouse holds (orjson writes 64-bit integers: signed, and unsigned up to 2**64-1).
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+
+
 def _sum_add(acc: list, v: Any) -> None:
     if isinstance(v, int):
         acc[0] += v
-    else:
+    elif -BIG_FLOAT < v < BIG_FLOAT:
         acc[1] = _grow(acc[1], float(v))
+    else:  # an integer-valued float: exact in the int total; the partials note that the sum is a float sum
+        acc[0] += int(v)
+        if not acc[1]:
+            acc[1] = [0.0]
 
 
-def _sum_value(acc: list) -> int | float:
-    return acc[0] + math.fsum(acc[1]) if acc[1] else acc[0]
+def _exact(acc: list) -> Fraction:
+    return Fraction(acc[0]) + sum(map(Fraction, acc[1]), Fraction(0))
+
+
+def _sum_value(acc: list) -> int | float | str:
+    """The sum's output value: the exact int total (no float was added), else ``acc[0] + fsum(partials)``;
+    past the range of a JSON number (:data:`INT_MIN`..:data:`INT_MAX`, a finite float) a string of the exact
+    total (see :func:`wide`). A function of the accumulator's values only, so order-independent."""
+    if not acc[1]:
+        v = acc[0]
+        return v if INT_MIN <= v <= INT_MAX else wide(Fraction(v), True)
+    try:
+        v = acc[0] + math.fsum(acc[1])
+    except OverflowError:  # the int total alone is past the float range
+        v = math.inf
+    return v if math.isfinite(v) else wide(_exact(acc), False)
+
+
+def _avg_value(acc: list) -> float:
+    """The mean: always within the range of its values, so a float even when the sum is not one."""
+    total = _sum_value(acc)
+    if isinstance(total, str):
+        return float(_exact(acc) / acc[2])
+    return total / acc[2]
+
+
+def wide(total: Fraction, integer: bool) -> str:
+    """A total that no JSON number can hold, written as a string: every digit of an integer sum; a float sum
+    to 17 significant digits (what tells two doubles apart), rounded half-even, e.g. ``"2.0000000000000000E+308"``."""
+    if integer:
+        return str(total.numerator)
+    with localcontext() as ctx:
+        ctx.prec = 17
+        return str(Decimal(total.numerator) / Decimal(total.denominator))
 
 
 def _dkey(v: Any) -> str:
@@ -181,7 +232,7 @@ def result(fn: str, acc: Any, p: int) -> Optional[Any]:
     if fn == "sum":
         return _sum_value(acc) if acc[2] else None
     if fn == "avg":
-        return _sum_value(acc) / acc[2] if acc[2] else None
+        return _avg_value(acc) if acc[2] else None
     if fn == "distinct":
         if acc[0] == "x":
             return len(acc[1])
