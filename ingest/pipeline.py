@@ -20,6 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PCollection
 
+from flatten.records import AggregateRow, TableRow
 from ingest.contract import Contract
 from ingest.dedup import DropDuplicateEvents
 from ingest.flatten_step import FlattenEvents
@@ -46,6 +47,10 @@ def _never(_element) -> bool:
 
 def _identity(batch):
     return batch
+
+
+def _nothing(_element) -> tuple:
+    return ()
 
 
 class HeadwaterPipeline(beam.PTransform):
@@ -91,10 +96,12 @@ class HeadwaterPipeline(beam.PTransform):
         parsed = raw | "ParseEnvelope" >> ParseEnvelope(contract)
         rec = self._recovery
         local = _state_in_this_process(pbegin.pipeline.options)
+        specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
+        if local and live_batches_enabled():
+            return self._expand_live_batches(parsed, dead, local)
         events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
             window_s=contract.dedup.window_s(), seed=rec.seen if rec else None, local_state=local)
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
-        specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         dead += [parsed.dead_letter, flat.dead_letter]
         if specs:
             aggs = flat.aggregate_inputs | "ComputeAggregates" >> ComputeAggregates(
@@ -105,6 +112,22 @@ class HeadwaterPipeline(beam.PTransform):
             aggregates = flat.aggregate_inputs | "NoAggregates" >> beam.Filter(_never)
         dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
         return HeadwaterOutputs(rows=flat.rows, aggregates=aggregates, dead_letters=dead_letters)
+
+    def _expand_live_batches(self, parsed, dead: list, job: str) -> HeadwaterOutputs:
+        """The live job in batches (``ingest.live_batches``), where its state lives in this process (Prism with
+        LOOPBACK workers). Its steps sit directly under this transform's label. ``rows`` are lists of TableRow
+        (one per batch) for DuckDB, single TableRows for BigQuery."""
+        from ingest.live_batches import LiveBatches
+
+        contract = self._contract
+        specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
+        rows, aggregates, dls = LiveBatches(contract, specs, job, recovery=self._recovery).expand(parsed.events)
+        if contract.warehouse.kind != "duckdb":
+            rows = rows | "UnbatchRows" >> beam.FlatMap(_identity).with_output_types(TableRow)
+        if aggregates is None:
+            aggregates = parsed.events | "NoAggregates" >> beam.FlatMap(_nothing).with_output_types(AggregateRow)
+        dead_letters = [parsed.dead_letter, *dead, *dls] | "AllDeadLetters" >> beam.Flatten()
+        return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
 
     def _expand_bounded(self, pbegin) -> HeadwaterOutputs:
         """Only file sources: the batched bounded job (``ingest.bounded``: batches through parse, mask, envelope
@@ -121,6 +144,12 @@ class HeadwaterPipeline(beam.PTransform):
         if not duck:
             rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)
         return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
+
+
+def live_batches_enabled() -> bool:
+    """The local streaming job runs in batches (``ingest.live_batches``) unless ``HEADWATER_LIVE_BATCHES=0``
+    (the per-key steps, as on Dataflow: for comparisons)."""
+    return os.environ.get("HEADWATER_LIVE_BATCHES", "1") != "0"
 
 
 def _state_in_this_process(options: Optional[PipelineOptions]) -> Optional[str]:
@@ -318,6 +347,7 @@ def _end_local_job(stop_runner: bool = True) -> None:
     from sinks.duckdb_store import release_held
     from ingest.recovery import remove_snapshots
     from state.mirror import forget as forget_mirrors
+    from ingest.live_batches import forget_shards
 
     try:
         stop_loops(final=True)
@@ -325,6 +355,7 @@ def _end_local_job(stop_runner: bool = True) -> None:
         remove_snapshots()  # the start-up snapshots of its state (read when its workers started)
         release_held()  # the sink's held write connection: checkpointed, the file free for other processes
         forget_mirrors()  # state.mirror: the job's in-process copies of its state
+        forget_shards()  # ingest.live_batches: the same for the batched live job's shards
         ledger.reset()
         if stop_runner:
             stop_local_runners()
