@@ -168,7 +168,10 @@ class _DedupShardFn(beam.DoFn):
             st = _SeenShard()
             for blob in log.read():
                 for key, exp in orjson.loads(blob):
-                    st.add(key, exp)
+                    if key:
+                        st.add(key, exp)
+                    else:  # a GC firing at watermark ``exp``: what expired by then is gone
+                        st.expire(exp)
                     st.logged += 1
             _hold(self._job, self._step, shard, st)
         return st  # type: ignore[return-value]
@@ -222,7 +225,9 @@ class _DedupShardFn(beam.DoFn):
             gc=beam.DoFn.TimerParam(GC)):
         st = self._shard_state(key, log)
         st.armed = None  # this firing consumed the timer
-        st.expire(ts.micros)
+        if st.expire(ts.micros):
+            log.add(orjson.dumps([["", ts.micros]]))  # replayed as the same expiry (no id is empty: dedup_key)
+            st.logged += 1
         self._compact(st, log)
         self._arm(st, gc)
 

@@ -12,19 +12,24 @@ import os
 import pickle
 import uuid
 
+from typing import Any, Tuple
+
 import apache_beam as beam
 import orjson
 import pytest
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 
 from flatten.records import AggregateInput, Event
+from ingest import live_batches
 from ingest.dedup import DropDuplicateEvents, arrival_expiry, dedup_key
 from ingest.recovery import SeenIds
 from sinks import ledger
 from state.spec import AggregateSpec, MetricSpec
-from state.transform import ComputeAggregates
+from state.transform import AggregateOutputs, ComputeAggregates
 from tests.state.streamkit import FixedClock, latest, plain, streaming_options
 
 DAY = 86_400
@@ -38,11 +43,70 @@ def ev(i: int, t_s: float, user: str = "u1", partner: str = "p", offset=None) ->
     return beam.window.TimestampedValue(e, t_s)  # stamped with the event time (timestamp_attribute)
 
 
-@pytest.fixture(params=[None, "mirrored"])
-def local(request):
+@pytest.fixture(params=[None, "mirrored", "batched", "batched-replayed"])
+def local(request, monkeypatch):
     """None: the flag is read per event; else a job token: ids this process never flagged skip the read
-    (state.mirror.KeySketch, what the local streaming runner uses; the DirectRunner's state is in-process)."""
-    return None if request.param is None else uuid.uuid4().hex
+    (state.mirror.KeySketch; the DirectRunner's state is in-process). "batched": the local streaming runner's
+    batched steps (ingest.live_batches: dedup and aggregates per shard); "batched-replayed": the same with
+    nothing kept in memory between bundles, so every bundle reads its shard from the Beam state log."""
+    if request.param is None:
+        return None
+    if request.param == "batched-replayed":
+        monkeypatch.setattr(live_batches, "_hold", lambda *a: None)
+    return (request.param.startswith("batched"), uuid.uuid4().hex)
+
+
+class _Dedup(beam.PTransform):
+    """The dedup step under test: the per-key DropDuplicateEvents, or the batched one (BatchEvents ->
+    DropDuplicateEvents per shard -> one element per event again)."""
+
+    def __init__(self, window_s, clock, local, seed=None):
+        super().__init__()
+        self._args = (window_s, clock, local, seed)
+
+    def expand(self, events):
+        window_s, clock, local, seed = self._args
+        if not local or not local[0]:
+            return events | DropDuplicateEvents(window_s=window_s, seed=seed, clock=clock,
+                                                local_state=local[1] if local else None)
+        return (events | "Batch" >> beam.ParDo(live_batches._BatchFn()).with_output_types(Tuple[int, Any])
+                | "DedupShards" >> beam.ParDo(live_batches._DedupShardFn(window_s, local[1], "Dedup", seed, clock))
+                | "Unbatch" >> beam.FlatMap(_each).with_output_types(Event))
+
+
+def _each(batch):
+    return batch
+
+
+class _BatchInputsFn(beam.DoFn):
+    """AggregateInputs -> one (shard, [inputs]) per aggregate shard per bundle (what the batched FlattenEvents
+    sends to the aggregate shards)."""
+
+    def start_bundle(self):
+        self._buf = {}
+
+    def process(self, inp, ts=beam.DoFn.TimestampParam):
+        s = live_batches._shard(f"{inp.partner}\x1f{inp.aggregate}\x1f{inp.key}")
+        buf = self._buf.setdefault(s, [[], ts])
+        buf[0].append(inp)
+        buf[1] = min(buf[1], ts)
+
+    def finish_bundle(self):
+        for s, (inputs, ts) in self._buf.items():
+            yield WindowedValue((s, inputs), ts, (GlobalWindow(),))
+
+
+def _aggregate(specs, clock, local):
+    if not local or not local[0]:
+        return ComputeAggregates(specs, clock=clock, local_state=local[1] if local else None)
+
+    class _Batched(beam.PTransform):
+        def expand(self, inputs):
+            outs = (inputs | "BatchInputs" >> beam.ParDo(_BatchInputsFn()).with_output_types(Tuple[int, Any])
+                    | "AggregateShards" >> beam.ParDo(live_batches._AggregateShardFn(
+                        specs, "Aggregate", clock, local[1])).with_outputs("dead_letter", main="aggregates"))
+            return AggregateOutputs(aggregates=outs["aggregates"], dead_letter=outs["dead_letter"])
+    return _Batched()
 
 
 def _ids(pcoll):
@@ -66,7 +130,7 @@ def test_old_events_redelivered_after_the_watermark_moved_on_are_dropped(local):
               .add_elements([ev(2, NOW - 3 * DAY), ev(3, NOW - 2 * DAY)])
               .advance_watermark_to_infinity())
     with beam.Pipeline(options=streaming_options()) as p:
-        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
+        out = p | "Events" >> stream | "Dedup" >> _Dedup(WINDOW, FixedClock(NOW), local)
         assert_that(_ids(out), equal_to(["e1", "e2", "e3"]))
 
 
@@ -81,7 +145,7 @@ def test_late_and_replayed_events_pass_once_and_the_flag_expires_a_window_after_
               .add_elements([ev(1, NOW - 1)])  # a replay after the window is a new arrival (documented bound)
               .advance_watermark_to_infinity())
     with beam.Pipeline(options=streaming_options()) as p:
-        out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
+        out = p | "Events" >> stream | "Dedup" >> _Dedup(WINDOW, FixedClock(NOW), local)
         assert_that(_ids(out), equal_to(["e1", "e4", "e1"]))
 
 
@@ -108,10 +172,9 @@ def test_redeliveries_of_old_late_and_replayed_events_are_counted_once_in_the_ag
               .advance_processing_time(120)
               .advance_watermark_to(NOW + 3600))
     with beam.Pipeline(options=streaming_options()) as p:
-        events = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, clock=FixedClock(NOW), local_state=local)
+        events = p | "Events" >> stream | "Dedup" >> _Dedup(WINDOW, FixedClock(NOW), local)
         out = (events | "ToInputs" >> beam.Map(_to_input)
-               | "Aggregate" >> ComputeAggregates({("p", "activity"): SPEC}, clock=FixedClock(NOW),
-                                                   local_state=local))
+               | "Aggregate" >> _aggregate({("p", "activity"): SPEC}, FixedClock(NOW), local))
         rows = out.aggregates | "Plain" >> beam.Map(plain)
 
         def check(rows):
@@ -136,8 +199,7 @@ def test_ids_already_in_the_warehouse_count_as_seen_once_and_their_drops_resolve
         ledger.register_kafka(f"kafka:t/0@{i}", "g", "t", 0, i)
     try:
         with beam.Pipeline(options=streaming_options()) as p:
-            out = p | "Events" >> stream | "Dedup" >> DropDuplicateEvents(window_s=WINDOW, seed=seed,
-                                                                          clock=FixedClock(NOW), local_state=local)
+            out = p | "Events" >> stream | "Dedup" >> _Dedup(WINDOW, FixedClock(NOW), local, seed=seed)
             assert_that(_ids(out), equal_to(["e3"]))
         # e1, e2 (seeded) and e3's second copy (offset 4) were dropped: terminal. e3 at offset 3 still
         # waits for its rows, so the partition commits up to offset 3, not past it
