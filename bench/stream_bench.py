@@ -197,6 +197,8 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
         th.join()
     t_sent = time.time()
     every = ids["acme_ps"] + ids["acme_kf"]
+    arrived = poller.arrived
+    at_sent = sum(1 for e in every if e in arrived)  # rows already in when the publishers finished
     complete = wait_rows(poller, every, timeout)
     cpu1 = cpu()
     seen = [e for e in every if e in poller.arrived]
@@ -205,6 +207,10 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
     res = {"phase": name, "events": len(every), "rows_seen": len(seen), "complete": complete,
            "publish_s": t_sent - t0, "publish_rate": len(every) / max(t_sent - t0, 1e-9),
            "rows_rate": len(seen) / max(t_last - t0, 1e-9),
+           # the drain: from the publishers' end to the last row, the job alone on the machine with what was
+           # still pending (meaningful when that is a good part of the phase: ``pending_at_sent``)
+           "pending_at_sent": len(every) - at_sent,
+           "drain_rate": (len(every) - at_sent) / max(t_last - t_sent, 1e-9) if len(every) > at_sent else float("nan"),
            "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "max_s": max(lat, default=float("nan")),
            # CPU from the first send until every row was seen (or the timeout), per million events
            "job_cpu_s_per_m": (cpu1[0] - cpu0[0]) / len(every) * 1e6,
@@ -212,6 +218,7 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
     print(f"  {name:<8} {res['events']:>7,} events  published at {res['publish_rate']:>7,.0f}/s  rows at "
           f"{res['rows_rate']:>7,.0f}/s  latency p50 {res['p50_s']:6.2f}s p99 {res['p99_s']:6.2f}s "
           f"max {res['max_s']:6.2f}s  {'complete' if complete else f'INCOMPLETE ({len(seen):,} seen)'}; "
+          f"drain {res['drain_rate']:,.0f}/s of {res['pending_at_sent']:,} pending after the sends; "
           f"CPU-s per M events: job {res['job_cpu_s_per_m']:,.0f}, Prism {res['prism_cpu_s_per_m']:,.0f}",
           flush=True)
     return res
@@ -291,7 +298,8 @@ def main() -> int:
             print(f"  warehouse writes, {kind}: {writes:,}, {counters.get(f'{kind}_written', 0) / writes:,.1f} per write")
     backlog = results[-1] if results else {}
     steady = results[0] if results else {}
-    print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s; steady {args.rate:,.0f}/s: "
+    print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s (drain after the sends "
+          f"{backlog.get('drain_rate', float('nan')):,.0f}/s); steady {args.rate:,.0f}/s: "
           f"p50 {steady.get('p50_s', float('nan')):.2f}s p99 {steady.get('p99_s', float('nan')):.2f}s "
           f"(poll period {POLL_S}s; reader lock misses {poller.errors})")
     if args.json:
