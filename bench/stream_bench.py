@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 
 POLL_S = 0.25
+RETRY_S = 0.02  # after a miss of the file's lock
 
 
 def contract_dict(db: Path, topic: str, sub_topic: str, subscription: str, bootstrap: str, group: str) -> dict:
@@ -58,6 +59,20 @@ def contract_dict(db: Path, topic: str, sub_topic: str, subscription: str, boots
              "envelope": envelope, "columns": columns, "table": {"name": "acme_kf_events"}, "aggregates": agg},
         ],
     }
+
+
+def apply_patches(spec: str) -> None:
+    """``module.NAME=python expression;...`` set in the job's process before it starts (variants of constants
+    measured back to back; ``--patch``)."""
+    import importlib
+
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        target, expr = item.split("=", 1)
+        mod, name = target.rsplit(".", 1)
+        m = importlib.import_module(mod)
+        value = eval(expr, {"Duration": __import__("apache_beam.utils.timestamp", fromlist=["Duration"]).Duration})  # noqa: S307 - the operator's own measurement flag
+        setattr(m, name, value)
+        print(f"job: patched {target} = {value!r}", file=sys.stderr, flush=True)
 
 
 def run_job(contract_path: str) -> int:
@@ -89,20 +104,29 @@ class Poller(threading.Thread):
     def run(self) -> None:
         import duckdb
 
-        while not self.stop.wait(POLL_S):
+        last: dict[str, int] = {}  # table -> highest rowid read (rows are appended: read only the new ones)
+        wait = POLL_S
+        while not self.stop.wait(wait):
+            wait = POLL_S
             if not self.db.exists():
                 continue
             try:
                 con = duckdb.connect(str(self.db), read_only=True)
             except duckdb.Error:
-                self.errors += 1  # the writer holds the file: next poll
+                # The job's writer holds the file (a DuckDB file has one writing process; the job lets readers
+                # in between writes, sinks/duckdb_store.py HOLD_*): try again soon, so a row's arrival is when
+                # another process could first read it, not when the poll period happened to come round.
+                self.errors += 1
+                wait = RETRY_S
                 continue
             now = time.time()
             try:
                 tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
                 for t in ("acme_ps_events", "acme_kf_events"):
                     if t in tables:
-                        for eid, sent in con.execute(f'SELECT _event_id, bench__sent_us FROM "{t}"').fetchall():
+                        for rid, eid, sent in con.execute(f'SELECT rowid, _event_id, bench__sent_us FROM "{t}" '
+                                                          "WHERE rowid > ?", [last.get(t, -1)]).fetchall():
+                            last[t] = max(last.get(t, -1), rid)
                             if eid not in self.arrived:
                                 self.arrived[eid] = now
                                 self.sent[eid] = sent / 1e6
@@ -232,8 +256,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="per phase: how long to wait for every row")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--patch", default="", help="measurements: 'module.NAME=expr;...' set in the job's process")
     args = ap.parse_args()
     if args.job:
+        apply_patches(args.patch)
         return run_job(args.job)
     os.environ.setdefault("PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
     os.environ.setdefault("PUBSUB_PROJECT_ID", "test-project")
@@ -256,7 +282,7 @@ def main() -> int:
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs; job on Prism, warehouse {db}",
           flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    job = subprocess.Popen([sys.executable, __file__, "--job", str(cpath)], stdout=subprocess.PIPE,
+    job = subprocess.Popen([sys.executable, __file__, "--job", str(cpath), "--patch", args.patch], stdout=subprocess.PIPE,
                            stderr=open(work / "job.log", "wb"), env=env, cwd=str(work), text=True)
     results = []
     poller = Poller(db)
