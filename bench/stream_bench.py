@@ -38,6 +38,7 @@ import orjson  # noqa: E402
 
 POLL_S = 0.25
 RETRY_S = 0.02  # after a miss of the file's lock
+EMIT_WAIT_S = 12.0  # two emission periods of the bench's aggregate
 
 
 def contract_dict(db: Path, topic: str, sub_topic: str, subscription: str, bootstrap: str, group: str) -> dict:
@@ -305,6 +306,7 @@ def main() -> int:
         results.append(phase("steady", contract, poller, int(args.rate * args.seconds / 2), args.rate, 2,
                              args.timeout, cpu))
         results.append(phase("backlog", contract, poller, args.backlog, 0.0, 3, args.timeout, cpu))
+        time.sleep(EMIT_WAIT_S)  # the aggregates' last emission (emit_every 5 s) before the job stops
     finally:
         poller.stop.set()
         job.send_signal(signal.SIGTERM)
@@ -322,6 +324,7 @@ def main() -> int:
         writes = counters.get(f"{kind}_writes", 0)
         if writes:
             print(f"  warehouse writes, {kind}: {writes:,}, {counters.get(f'{kind}_written', 0) / writes:,.1f} per write")
+    exact = check_aggregates(contract)
     backlog = results[-1] if results else {}
     steady = results[0] if results else {}
     print(f"\nsustained (backlog) {backlog.get('rows_rate', 0):,.0f} events/s (drain after the sends "
@@ -330,8 +333,21 @@ def main() -> int:
           f"(poll period {POLL_S}s; reader lock misses {poller.errors})")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "rate": args.rate, "counters": counters,
-                                               "load_average": os.getloadavg()}, indent=2))
-    return 0 if all(r["complete"] for r in results) else 1
+                                               "aggregates_exact": exact, "load_average": os.getloadavg()}, indent=2))
+    return 0 if all(r["complete"] for r in results) and exact.get("ok") else 1
+
+
+def check_aggregates(contract) -> dict:
+    """Every key's latest aggregate row against the recomputation from the rows (``headwater verify``): the
+    figures above count only if the aggregates the job wrote are exact."""
+    from deploy.verify import verify
+
+    rep = verify(contract)
+    out = {"ok": rep.ok, "aggregates": [a.as_dict() for a in rep.aggregates]}
+    for a in rep.aggregates:
+        print(f"  aggregates {a.partner}/{a.aggregate}: {a.keys:,} keys, {a.match:,} match the recomputation from the "
+              f"rows, {a.differ} differ, {a.missing} missing, {a.extra} extra", flush=True)
+    return out
 
 
 if __name__ == "__main__":
