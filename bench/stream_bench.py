@@ -165,6 +165,19 @@ def process_cpu_s(pids: list[int]) -> float:
     return total
 
 
+def peak_rss_mb(pids: list[int]) -> float:
+    """Sum of the processes' peak resident memory (VmHWM) in MB."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
 def prism_pids(work: Path) -> list[int]:
     """Prism processes started by this bench's job (their working directory is the bench's)."""
     out = []
@@ -286,6 +299,7 @@ def main() -> int:
     job = subprocess.Popen([sys.executable, __file__, "--job", str(cpath), "--patch", args.patch], stdout=subprocess.PIPE,
                            stderr=open(work / "job.log", "wb"), env=env, cwd=str(work), text=True)
     results = []
+    peaks: dict = {}
     poller = Poller(db)
     try:
         line = job.stdout.readline()
@@ -307,6 +321,8 @@ def main() -> int:
                              args.timeout, cpu))
         results.append(phase("backlog", contract, poller, args.backlog, 0.0, 3, args.timeout, cpu))
         time.sleep(EMIT_WAIT_S)  # the aggregates' last emission (emit_every 5 s) before the job stops
+        peaks = {"job": peak_rss_mb([job.pid]), "prism": peak_rss_mb(prism)}
+        print(f"  peak RSS: job {peaks['job']:,.0f} MB, Prism {peaks['prism']:,.0f} MB", flush=True)
     finally:
         poller.stop.set()
         job.send_signal(signal.SIGTERM)
@@ -333,7 +349,7 @@ def main() -> int:
           f"(poll period {POLL_S}s; reader lock misses {poller.errors})")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "rate": args.rate, "counters": counters,
-                                               "aggregates_exact": exact, "load_average": os.getloadavg()}, indent=2))
+                                               "aggregates_exact": exact, "peak_rss_mb": peaks, "load_average": os.getloadavg()}, indent=2))
     return 0 if all(r["complete"] for r in results) and exact.get("ok") else 1
 
 
