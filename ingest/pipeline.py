@@ -121,6 +121,7 @@ class HeadwaterPipeline(beam.PTransform):
 
         contract = self._contract
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
+        _LOG.warning("headwater: %s (HEADWATER_LIVE_BATCHES=0: the per-key steps Dataflow runs)", LIVE_BATCHES_LINE)
         rows, aggregates, dls = LiveBatches(contract, specs, job, recovery=self._recovery).expand(parsed.events)
         if contract.warehouse.kind != "duckdb":
             rows = rows | "UnbatchRows" >> beam.FlatMap(_identity).with_output_types(TableRow)
@@ -144,6 +145,10 @@ class HeadwaterPipeline(beam.PTransform):
         if not duck:
             rows = rows | "UnbatchRows" >> beam.FlatMap(_identity)
         return HeadwaterOutputs(rows=rows, aggregates=aggregates, dead_letters=dead_letters)
+
+
+#: Said once in the log when a job is built with the batched live steps (tests look for it).
+LIVE_BATCHES_LINE = "dedup and aggregates run in batches per shard on this local runner (ingest/live_batches.py)"
 
 
 def live_batches_enabled() -> bool:

@@ -19,6 +19,7 @@ import yaml
 
 from deploy.publish import send_payloads
 from ingest.contract import parse_contract
+from ingest.pipeline import LIVE_BATCHES_LINE
 from tests.ingest.conftest import live_services, unique_name, wait_for  # noqa: F401 (fixture)
 from tests.ingest.test_streaming_e2e import ROOT, _launch, _query, _stop
 
@@ -56,7 +57,11 @@ def _reference(events):
     return {u: (r["n"], round(r["apr_sum"], 6), len(r["cats"])) for u, r in ref.items()}
 
 
-def test_thousand_users_on_prism_equal_reference(live_services, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("steps", ["batched", "per-key"])
+def test_thousand_users_on_prism_equal_reference(live_services, tmp_path, steps, monkeypatch):  # noqa: F811
+    """``batched``: the local job's default (ingest.live_batches); ``per-key``: the steps Dataflow runs
+    (HEADWATER_LIVE_BATCHES=0), on the same runner."""
+    monkeypatch.setenv("HEADWATER_LIVE_BATCHES", "1" if steps == "batched" else "0")
     raw = yaml.safe_load((ROOT / "examples" / "streaming.yaml").read_text())
     raw["warehouse"]["path"] = str(tmp_path / "wh.duckdb")
     tag = unique_name("agg")
@@ -100,5 +105,6 @@ def test_thousand_users_on_prism_equal_reference(live_services, tmp_path):  # no
                                 f"(got, expected), e.g. {dict(list(wrong.items())[:5])}; rows {rows}; "
                                 f"log:\n{log[-3000:]}")
     assert rc == 0, log[-3000:]
+    assert (LIVE_BATCHES_LINE in log) == (steps == "batched")
     assert rows[0] == (len(events), len(events))
     assert set(got) == set(expected)
