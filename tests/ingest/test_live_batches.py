@@ -57,7 +57,11 @@ def test_batched_aggregates_equal_the_backfill_and_the_reference(replayed, monke
         out = p | "Events" >> _stream(events) | "Aggregate" >> _aggregate(SPECS, FixedClock(), local)
         _ = out.aggregates | "Plain" >> beam.Map(plain) | "Collect" >> beam.ParDo(Collect("stream"))
         _ = out.dead_letter | "CollectDL" >> beam.ParDo(Collect("dead"))
-    with beam.Pipeline(options=PipelineOptions(runner="DirectRunner")) as p:
+    # FnApiRunner, not DirectRunner: for a bounded pipeline without TestStream the DirectRunner first tries
+    # Prism with Beam's default binary (a download: no network here), and that failed start stays in Beam's
+    # shared Prism job server, so a later Prism pipeline in this process (tests/ingest/test_pubsub_source.py,
+    # whose --prism_location is this machine's binary) got the broken server and failed
+    with beam.Pipeline(options=PipelineOptions(runner="FnApiRunner")) as p:
         out = bounded(p, [inp(k, t, i, **v) for k, t, i, v in events]) | "Aggregate" >> ComputeAggregates(SPECS)
         _ = out.aggregates | "Plain" >> beam.Map(plain) | "Collect" >> beam.ParDo(Collect("backfill"))
     assert SINK.get("dead", []) == []
