@@ -152,6 +152,13 @@ def publish(contract, partner: str, ids: list[str], rate: float, rng: random.Ran
     send_payloads(contract, partner, events(), rate=rate, key_attribute="user_key")
 
 
+def machine_busy_s() -> float:
+    """CPU-seconds all cores spent outside idle and iowait since boot (/proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_s(pids: list[int]) -> float:
     """user + system CPU seconds of these processes (all their threads) so far, from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -225,6 +232,7 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
           cpu=lambda: (0.0, 0.0)) -> dict:
     ids = {p: [f"{name}-{p}-{seed}-{i:07d}" for i in range(n_per_source)] for p in ("acme_ps", "acme_kf")}
     cpu0 = cpu()
+    mine0, busy0 = process_cpu_s([os.getpid()]), machine_busy_s()
     t0 = time.time()
     threads = [threading.Thread(target=publish, args=(contract, p, ids[p], rate / 2 if rate else 0.0,
                                                         random.Random(seed + k)))
@@ -234,6 +242,9 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
     for th in threads:
         th.join()
     t_sent = time.time()
+    # while the publishers ran: this process (publishers + poller) and the whole machine, in cores
+    pub_cores = (process_cpu_s([os.getpid()]) - mine0) / max(t_sent - t0, 1e-9)
+    busy_cores = (machine_busy_s() - busy0) / max(t_sent - t0, 1e-9)
     every = ids["acme_ps"] + ids["acme_kf"]
     arrived = poller.arrived
     at_sent = sum(1 for e in every if e in arrived)  # rows already in when the publishers finished
@@ -249,6 +260,7 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
            # still pending (meaningful when that is a good part of the phase: ``pending_at_sent``)
            "pending_at_sent": len(every) - at_sent,
            "drain_rate": (len(every) - at_sent) / max(t_last - t_sent, 1e-9) if len(every) > at_sent else float("nan"),
+           "publishing_cores_bench": pub_cores, "publishing_cores_machine": busy_cores,
            "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "max_s": max(lat, default=float("nan")),
            # CPU from the first send until every row was seen (or the timeout), per million events
            "job_cpu_s_per_m": (cpu1[0] - cpu0[0]) / len(every) * 1e6,
@@ -257,6 +269,7 @@ def phase(name: str, contract, poller: Poller, n_per_source: int, rate: float, s
           f"{res['rows_rate']:>7,.0f}/s  latency p50 {res['p50_s']:6.2f}s p99 {res['p99_s']:6.2f}s "
           f"max {res['max_s']:6.2f}s  {'complete' if complete else f'INCOMPLETE ({len(seen):,} seen)'}; "
           f"drain {res['drain_rate']:,.0f}/s of {res['pending_at_sent']:,} pending after the sends; "
+          f"while publishing: machine {busy_cores:.2f} cores busy, publishers {pub_cores:.2f}; "
           f"CPU-s per M events: job {res['job_cpu_s_per_m']:,.0f}, Prism {res['prism_cpu_s_per_m']:,.0f}",
           flush=True)
     return res
