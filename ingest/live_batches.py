@@ -22,10 +22,11 @@ as the runner fires per-key timers.
 (the seen ids with their expiry; the touched keys' ``AggState`` bytes) and compacted when it holds twice what
 is live. This process keeps the decoded state of the shards it runs (Prism with LOOPBACK workers: every
 bundle runs here and Prism fails the job on a failed bundle, the condition ``state.mirror`` already relies
-on), so the log is only read when a shard is not in memory; ``tests/ingest/test_live_batches.py`` forgets the
-memory mid-stream and checks the results are unchanged. Used only where ``ingest.pipeline`` finds the state
-in this process; Dataflow keeps the per-key steps (per-key state scales there; their names and layout are
-what ``deploy check`` guards).
+on), so the log is only read when a shard is not in memory; the tests (``tests/ingest/test_live_batches.py``,
+``tests/ingest/test_dedup.py``) also run with nothing kept in memory between bundles, every bundle replaying its
+shard from the log, and get the same results. Used only where ``ingest.pipeline`` finds the state in this
+process and the warehouse is DuckDB; Dataflow keeps the per-key steps (per-key state scales there; their names
+and layout are what ``deploy check`` guards).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PCollection
 
-from flatten.records import AggregateRow, TableRow
+from flatten.records import AggregateRow
 from ingest.contract import Contract
 from ingest.dedup import DropDuplicateEvents
 from ingest.flatten_step import FlattenEvents
@@ -97,7 +97,7 @@ class HeadwaterPipeline(beam.PTransform):
         rec = self._recovery
         local = _state_in_this_process(pbegin.pipeline.options)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
-        if local and live_batches_enabled():
+        if local and live_batches_enabled() and contract.warehouse.kind == "duckdb":
             return self._expand_live_batches(parsed, dead, local)
         events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
             window_s=contract.dedup.window_s(), seed=rec.seen if rec else None, local_state=local)
@@ -115,16 +115,15 @@ class HeadwaterPipeline(beam.PTransform):
 
     def _expand_live_batches(self, parsed, dead: list, job: str) -> HeadwaterOutputs:
         """The live job in batches (``ingest.live_batches``), where its state lives in this process (Prism with
-        LOOPBACK workers). Its steps sit directly under this transform's label. ``rows`` are lists of TableRow
-        (one per batch) for DuckDB, single TableRows for BigQuery."""
+        LOOPBACK workers) and it writes DuckDB (a local job writing BigQuery keeps the per-key steps: that
+        combination has no end-to-end test here). Its steps sit directly under this transform's label;
+        ``rows`` are lists of TableRow (one per batch)."""
         from ingest.live_batches import LiveBatches
 
         contract = self._contract
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         _LOG.warning("headwater: %s (HEADWATER_LIVE_BATCHES=0: the per-key steps Dataflow runs)", LIVE_BATCHES_LINE)
         rows, aggregates, dls = LiveBatches(contract, specs, job, recovery=self._recovery).expand(parsed.events)
-        if contract.warehouse.kind != "duckdb":
-            rows = rows | "UnbatchRows" >> beam.FlatMap(_identity).with_output_types(TableRow)
         if aggregates is None:
             aggregates = parsed.events | "NoAggregates" >> beam.FlatMap(_nothing).with_output_types(AggregateRow)
         dead_letters = [parsed.dead_letter, *dead, *dls] | "AllDeadLetters" >> beam.Flatten()
@@ -152,8 +151,8 @@ LIVE_BATCHES_LINE = "dedup and aggregates run in batches per shard on this local
 
 
 def live_batches_enabled() -> bool:
-    """The local streaming job runs in batches (``ingest.live_batches``) unless ``HEADWATER_LIVE_BATCHES=0``
-    (the per-key steps, as on Dataflow: for comparisons)."""
+    """The local streaming job writing DuckDB runs in batches (``ingest.live_batches``) unless
+    ``HEADWATER_LIVE_BATCHES=0`` (the per-key steps, as on Dataflow: for comparisons)."""
     return os.environ.get("HEADWATER_LIVE_BATCHES", "1") != "0"
 
 
