@@ -17,7 +17,7 @@ from ingest import progress
 from sinks import ledger
 from state.mirror import sketch_for, write_new
 
-__all__ = ["DropDuplicateEvents", "arrival_expiry"]
+__all__ = ["DropDuplicateEvents", "arrival_expiry", "dedup_key", "drop_duplicate"]
 
 
 def arrival_expiry(element_ts: Timestamp, now_s: float, window_s: float) -> Timestamp:
@@ -91,14 +91,20 @@ class _DedupFn(beam.DoFn):
         yield event
 
     def _drop(self, event: Event) -> None:
-        self._dups.inc()
-        progress.count_duplicate()
-        if ledger.active():
-            ledger.resolve(event.coords)
+        drop_duplicate(self._dups, event)
 
     @on_timer(EXPIRY)
     def _expire(self, seen=beam.DoFn.StateParam(SEEN)):
         seen.clear()
+
+
+def drop_duplicate(counter, event: Event) -> None:
+    """A duplicate dropped: counted (``counter``, the status line) and terminal for its source delivery (the
+    local commit ledger may commit its offset / ack it)."""
+    counter.inc()
+    progress.count_duplicate()
+    if ledger.active():
+        ledger.resolve(event.coords)
 
 
 def dedup_key(partner: str, event_id: str) -> str:

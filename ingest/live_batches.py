@@ -48,10 +48,8 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from flatten.records import AggregateRow, DeadLetter, Event, TableRow
-from ingest import progress
-from ingest.dedup import arrival_expiry, dedup_key
+from ingest.dedup import arrival_expiry, dedup_key, drop_duplicate
 from ingest.flatten_step import AGGREGATE_TAG, DEAD_LETTER_TAG, _FlattenFn
-from sinks import ledger
 from state import aggregate as A
 from state.transform import AggKey, _AggregateCore
 
@@ -216,10 +214,7 @@ class _DedupShardFn(beam.DoFn):
             yield kept
 
     def _drop(self, event: Event) -> None:
-        self._dups.inc()
-        progress.count_duplicate()
-        if ledger.active():
-            ledger.resolve(event.coords)
+        drop_duplicate(self._dups, event)
 
     @on_timer(GC)
     def _gc(self, key=beam.DoFn.KeyParam, ts=beam.DoFn.TimestampParam, log=beam.DoFn.StateParam(LOG),

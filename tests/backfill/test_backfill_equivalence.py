@@ -67,6 +67,15 @@ def dump(db):
         con.close()
 
 
+def _run_stream(db, ts) -> None:
+    """The whole streaming pipeline into ``db`` with its Pub/Sub source replaced by the TestStream ``ts``."""
+    ts.advance_watermark_to_infinity()
+    opts = PipelineOptions(["--runner=BundleBasedDirectRunner"])
+    opts.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=opts) as p:
+        build(p, contract(db), source_overrides={"Read_acme_pubsub_0": ts}, require_overrides=True)
+
+
 def test_backfill_equals_stream(tmp_path):
     evs = events()
     # --- the live stream: shuffled within small batches, advancing watermark and processing time, one redelivery
@@ -86,11 +95,7 @@ def test_backfill_equals_stream(tmp_path):
     i0, (t_first, p_first) = order[0]
     ts.add_elements([beam.window.TimestampedValue(
         RawMessage("acme", "pubsub", "pubsub:sub#redelivered", p_first, b"{}", t_first * 1_000_000), t_first)])
-    ts.advance_watermark_to_infinity()
-    opts = PipelineOptions(["--runner=BundleBasedDirectRunner"])
-    opts.view_as(StandardOptions).streaming = True
-    with TestPipeline(options=opts) as p:
-        build(p, contract(stream_db), source_overrides={"Read_acme_pubsub_0": ts}, require_overrides=True)
+    _run_stream(stream_db, ts)
     # --- the backfill: the same events in two gzipped chunks
     chunks = tmp_path / "chunks"
     chunks.mkdir()
@@ -131,11 +136,7 @@ def test_sums_past_the_number_range_agree_between_stream_and_backfill(tmp_path):
             RawMessage("acme", "pubsub", f"pubsub:sub#{k}", payload, b"{}", t * 1_000_000), t) for k, (t, payload) in b])
         ts.advance_processing_time(31)
         ts.advance_watermark_to(min(t for _, (t, _) in b))
-    ts.advance_watermark_to_infinity()
-    opts = PipelineOptions(["--runner=BundleBasedDirectRunner"])
-    opts.view_as(StandardOptions).streaming = True
-    with TestPipeline(options=opts) as p:
-        build(p, contract(stream_db), source_overrides={"Read_acme_pubsub_0": ts}, require_overrides=True)
+    _run_stream(stream_db, ts)
     chunks = tmp_path / "chunks"
     chunks.mkdir()
     with gzip.open(chunks / "part-0.jsonl.gz", "wb") as fh:
