@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, TextIO
 
@@ -58,8 +59,12 @@ def step_manifest(contract: Contract) -> dict:
 
     argv = _DATAFLOW_LIKE_ARGV if contract.streaming else ["--runner=FnApiRunner"]
     p = beam.Pipeline(options=PipelineOptions(argv))
-    build(p, contract)
-    proto = p.to_runner_api()
+    try:
+        build(p, contract)
+        proto = p.to_runner_api()
+    finally:
+        # Beam makes a temp directory per Pipeline and removes it in run(): this one is never run
+        shutil.rmtree(p.local_tempdir, ignore_errors=True)
     comps = proto.components
     steps: list[str] = []
     stateful: dict[str, dict] = {}

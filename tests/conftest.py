@@ -57,8 +57,29 @@ def wait_no_runner(marker_value: str, timeout_s: float = 20.0, marker: str = SES
     return left
 
 
+def _beam_temp_dirs() -> set:
+    import glob
+    import tempfile
+
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "beam-pipeline-temp*")))
+
+
+_BEAM_TEMP_BEFORE: set = set()
+
+
+def pytest_sessionstart(session):
+    _BEAM_TEMP_BEFORE.update(_beam_temp_dirs())
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Fail the session if a Prism process it started is still running (checked in the process table)."""
+    """Fail the session if a Prism process it started is still running (checked in the process table).
+    Also remove the empty temp directories of the pipelines tests built without running them (Beam makes one
+    per Pipeline and removes it only in ``run()``)."""
+    for path in _beam_temp_dirs() - _BEAM_TEMP_BEFORE:
+        try:
+            os.rmdir(path)  # empty ones only: a running job's directory is not ours to take
+        except OSError:
+            pass
     try:
         from ingest.runner import stop_local_runners
 
