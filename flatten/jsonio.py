@@ -19,12 +19,15 @@ import orjson
 
 __all__ = ["loads", "dumps", "may_have_big_int"]
 
-_BIG = re.compile(rb"[0-9]{20}")
-_BIG_STR = re.compile(r"[0-9]{20}")
+# 20+ digits may exceed u64 (2**64-1 has 20); a negative needs only 19 to pass i64's -2**63 (-9223372036854775809:
+# orjson read it as a float, silently rounding, until the native differential test found it, 2026-12-03)
+_BIG = re.compile(rb"[0-9]{20}|-[0-9]{19}")
+_BIG_STR = re.compile(r"[0-9]{20}|-[0-9]{19}")
 
 
 def may_have_big_int(data: Union[bytes, str]) -> bool:
-    """True when ``data`` has a run of 20+ digits (an integer literal that may exceed 64 bits)."""
+    """True when ``data`` has a run of 20+ digits, or a minus and 19 digits (an integer literal that may be
+    beyond what orjson reads exactly: -2**63 .. 2**64-1)."""
     return (_BIG if isinstance(data, (bytes, bytearray, memoryview)) else _BIG_STR).search(data) is not None
 
 
