@@ -31,7 +31,6 @@ and layout are what ``deploy check`` guards).
 from __future__ import annotations
 
 import heapq
-import threading
 import time
 import zlib
 from typing import Any, Callable, Iterator, Optional, Tuple
@@ -51,9 +50,10 @@ from flatten.records import AggregateRow, DeadLetter, Event, TableRow
 from ingest.dedup import arrival_expiry, dedup_key, drop_duplicate
 from ingest.flatten_step import AGGREGATE_TAG, DEAD_LETTER_TAG, _FlattenFn
 from state import aggregate as A
+from state.mirror import held, hold
 from state.transform import AggKey, _AggregateCore
 
-__all__ = ["LiveBatches", "SHARDS", "forget_shards"]
+__all__ = ["LiveBatches", "SHARDS"]
 
 #: Shards per stateful step. Each is one key of the runner: one batch per shard per bundle crosses it.
 SHARDS = 4
@@ -65,27 +65,8 @@ def _shard(text: str) -> int:
     return zlib.crc32(text.encode()) % SHARDS  # stable across processes (hash() is salted per process)
 
 
-# -- in-process shard state (Prism LOOPBACK: every bundle runs in this process) --------------------------
-_shards: dict[tuple[str, str, int], object] = {}
-_shards_lock = threading.Lock()
-
-
-def _held(job: str, step: str, shard: int):
-    with _shards_lock:
-        return _shards.get((job, step, shard))
-
-
-def _hold(job: str, step: str, shard: int, value) -> None:
-    with _shards_lock:
-        _shards[(job, step, shard)] = value
-
-
-def forget_shards(job: Optional[str] = None) -> None:
-    """Drop the in-process shard state (every job's when None): the job ended, or a test makes the next
-    bundle read the shard from its Beam state log."""
-    with _shards_lock:
-        for k in [k for k in _shards if job is None or k[0] == job]:
-            del _shards[k]
+# In-process shard state (Prism LOOPBACK: every bundle runs in this process) is kept with the job's other
+# in-process state (state.mirror.hold, keyed "shard<n>"); state.mirror.forget drops it when the job ends.
 
 
 # -- BatchEvents ------------------------------------------------------------------------------------------
@@ -162,7 +143,7 @@ class _DedupShardFn(beam.DoFn):
             self._seed.load()
 
     def _shard_state(self, shard: int, log) -> _SeenShard:
-        st = _held(self._job, self._step, shard)
+        st = held(self._job, self._step, f"shard{shard}")
         if st is None:  # not in this process: replay the shard's log
             st = _SeenShard()
             for blob in log.read():
@@ -172,7 +153,7 @@ class _DedupShardFn(beam.DoFn):
                     else:  # a GC firing at watermark ``exp``: what expired by then is gone
                         st.expire(exp)
                     st.logged += 1
-            _hold(self._job, self._step, shard, st)
+            hold(self._job, self._step, f"shard{shard}", st)
         return st  # type: ignore[return-value]
 
     def _arm(self, st: _SeenShard, gc) -> None:
@@ -301,29 +282,28 @@ class _AggShard:
         mine[kind] = t_us
         heapq.heappush(self.rt if kind == "emit" else self.wm, (t_us, kind, key))
 
-    def due(self, heap: list, upto: Optional[int]) -> Optional[tuple]:
-        """Pop and return the earliest live timer (at or before ``upto``; any when None), else None."""
-        while heap:
-            t, kind, key = heap[0]
-            if (self.timers.get(key) or {}).get(kind) != t:
-                heapq.heappop(heap)  # moved or cleared since
-                continue
-            if upto is not None and t > upto:
-                return None
-            heapq.heappop(heap)
-            del self.timers[key][kind]
-            if not self.timers[key]:
-                del self.timers[key]
-            return t, kind, key
-        return None
-
     def earliest(self, heap: list) -> Optional[int]:
+        """The time of the earliest live timer in ``heap`` (entries moved or cleared since are dropped), else None."""
         while heap:
             t, kind, key = heap[0]
             if (self.timers.get(key) or {}).get(kind) == t:
                 return t
             heapq.heappop(heap)
         return None
+
+    def due(self, heap: list, upto: Optional[int]) -> Optional[tuple]:
+        """Pop and return the earliest live timer (at or before ``upto``; any when None), else None."""
+        t = self.earliest(heap)
+        if t is None or (upto is not None and t > upto):
+            return None
+        _, kind, key = heapq.heappop(heap)
+        self.set_timer(key, kind, None)
+        return t, kind, key
+
+
+def _log_entry(key: AggKey, st: Optional[A.AggState]) -> list:
+    """A key's line in its shard's log: the key and its state's bytes embedded as JSON (None: no state)."""
+    return [key[0], key[1], key[2], None if st is None else orjson.Fragment(st.to_bytes())]
 
 
 class _AggregateShardFn(_AggregateCore):
@@ -349,7 +329,7 @@ class _AggregateShardFn(_AggregateCore):
         cell.dirty.add(key)
 
     def _shard_state(self, shard: int, log) -> _AggShard:
-        sh = _held(self._job, self._step, shard)
+        sh = held(self._job, self._step, f"shard{shard}")
         if sh is None:  # not in this process: replay the shard's log (the last entry of a key wins)
             sh = _AggShard()
             for blob in log.read():
@@ -367,7 +347,7 @@ class _AggregateShardFn(_AggregateCore):
                         sh.set_timer(key, kind, t)
                 if st.emit_pending:
                     sh.set_timer(key, "emit", now)
-            _hold(self._job, self._step, shard, sh)
+            hold(self._job, self._step, f"shard{shard}", sh)
         return sh  # type: ignore[return-value]
 
     def _timers(self, sh: _AggShard, key: AggKey) -> tuple:
@@ -378,16 +358,13 @@ class _AggregateShardFn(_AggregateCore):
         """Append the changed keys to the shard's log (compacted when it holds twice what is live) and set the
         shard's two timers to the earliest of its keys' timers."""
         if sh.dirty:
-            entries = []
-            for key in sh.dirty:
-                st = sh.states.get(key)
-                entries.append([key[0], key[1], key[2], None if st is None else orjson.Fragment(st.to_bytes())])
+            entries = [_log_entry(key, sh.states.get(key)) for key in sh.dirty]
             sh.dirty.clear()
             log.add(orjson.dumps(entries))
             sh.logged += len(entries)
             if sh.logged > 2 * len(sh.states) + 1024:
                 log.clear()
-                log.add(orjson.dumps([[k[0], k[1], k[2], orjson.Fragment(st.to_bytes())] for k, st in sh.states.items()]))
+                log.add(orjson.dumps([_log_entry(k, st) for k, st in sh.states.items()]))
                 sh.logged = len(sh.states)
         for heap, timer, attr in ((sh.wm, wm, "armed_wm"), (sh.rt, rt, "armed_rt")):
             t = sh.earliest(heap)

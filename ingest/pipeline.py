@@ -98,7 +98,7 @@ class HeadwaterPipeline(beam.PTransform):
         local = _state_in_this_process(pbegin.pipeline.options)
         specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         if local and live_batches_enabled() and contract.warehouse.kind == "duckdb":
-            return self._expand_live_batches(parsed, dead, local)
+            return self._expand_live_batches(parsed, dead, local, specs)
         events = parsed.events | "DropDuplicateEvents" >> DropDuplicateEvents(
             window_s=contract.dedup.window_s(), seed=rec.seen if rec else None, local_state=local)
         flat = events | "FlattenEvents" >> FlattenEvents(contract)
@@ -113,7 +113,7 @@ class HeadwaterPipeline(beam.PTransform):
         dead_letters = dead | "AllDeadLetters" >> beam.Flatten()
         return HeadwaterOutputs(rows=flat.rows, aggregates=aggregates, dead_letters=dead_letters)
 
-    def _expand_live_batches(self, parsed, dead: list, job: str) -> HeadwaterOutputs:
+    def _expand_live_batches(self, parsed, dead: list, job: str, specs: dict) -> HeadwaterOutputs:
         """The live job in batches (``ingest.live_batches``), where its state lives in this process (Prism with
         LOOPBACK workers) and it writes DuckDB (a local job writing BigQuery keeps the per-key steps: that
         combination has no end-to-end test here). Its steps sit directly under this transform's label;
@@ -121,7 +121,6 @@ class HeadwaterPipeline(beam.PTransform):
         from ingest.live_batches import LiveBatches
 
         contract = self._contract
-        specs = {(p.name, a.name): a for p in contract.partners for a in p.aggregates}
         _LOG.warning("headwater: %s (HEADWATER_LIVE_BATCHES=0: the per-key steps Dataflow runs)", LIVE_BATCHES_LINE)
         rows, aggregates, dls = LiveBatches(contract, specs, job, recovery=self._recovery).expand(parsed.events)
         if aggregates is None:
@@ -351,15 +350,13 @@ def _end_local_job(stop_runner: bool = True) -> None:
     from sinks.duckdb_store import release_held
     from ingest.recovery import remove_snapshots
     from state.mirror import forget as forget_mirrors
-    from ingest.live_batches import forget_shards
 
     try:
         stop_loops(final=True)
     finally:
         remove_snapshots()  # the start-up snapshots of its state (read when its workers started)
         release_held()  # the sink's held write connection: checkpointed, the file free for other processes
-        forget_mirrors()  # state.mirror: the job's in-process copies of its state
-        forget_shards()  # ingest.live_batches: the same for the batched live job's shards
+        forget_mirrors()  # state.mirror: the job's in-process copies of its state (the live batches' shards too)
         ledger.reset()
         if stop_runner:
             stop_local_runners()

@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from typing import Optional
 
-__all__ = ["KeySketch", "ValueMirror", "sketch_for", "mirror_for", "forget", "write_new"]
+__all__ = ["KeySketch", "ValueMirror", "sketch_for", "mirror_for", "held", "hold", "forget", "write_new"]
 
 
 class KeySketch:
@@ -138,8 +138,21 @@ def mirror_for(job: str, step: str) -> ValueMirror:
         return m  # type: ignore[return-value]
 
 
+def held(job: str, step: str, kind: str) -> Optional[object]:
+    """What the job's ``step`` keeps in this process under ``kind`` (``hold``), or None."""
+    with _registry_lock:
+        return _registry.get((job, step, kind))
+
+
+def hold(job: str, step: str, kind: str, value: object) -> None:
+    """Keep ``value`` for the job's ``step`` in this process until ``forget`` (e.g. ingest.live_batches: a
+    shard's decoded state)."""
+    with _registry_lock:
+        _registry[(job, step, kind)] = value
+
+
 def forget(job: Optional[str] = None) -> None:
-    """Drop the job's sketches and mirrors (every job's when None): the job ended."""
+    """Drop the job's sketches, mirrors and held values (every job's when None): the job ended."""
     with _registry_lock:
         for k in [k for k in _registry if job is None or k[0] == job]:
             del _registry[k]

@@ -52,7 +52,7 @@ def local(request, monkeypatch):
     if request.param is None:
         return None
     if request.param == "batched-replayed":
-        monkeypatch.setattr(live_batches, "_hold", lambda *a: None)
+        monkeypatch.setattr(live_batches, "hold", lambda *a: None)
     return (request.param.startswith("batched"), uuid.uuid4().hex)
 
 

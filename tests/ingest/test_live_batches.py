@@ -49,7 +49,7 @@ def test_batched_aggregates_equal_the_backfill_and_the_reference(replayed, monke
     the aggregate shards; the final row of every (key, window) equals the bounded job's and the reference.
     ``replayed``: nothing is kept in memory between bundles, every bundle replays its shard's Beam state log."""
     if replayed:
-        monkeypatch.setattr(live_batches, "_hold", lambda *a: None)
+        monkeypatch.setattr(live_batches, "hold", lambda *a: None)
     events = _events()
     SINK.clear()
     local = (True, uuid.uuid4().hex)
