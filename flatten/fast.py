@@ -157,6 +157,12 @@ class FastFlattener:
         5th argument is :meth:`native_event`'s ``want``."""
         return None if self._nf is None else self._nf.process_event
 
+    @property
+    def native_run_fn(self) -> Any:
+        """The bound native ``process_run`` (``ingest.batch``'s loop over a run of one partner's messages), or None
+        (no accelerator, or one built before it had the method)."""
+        return None if self._nf is None else getattr(self._nf, "process_run", None)
+
     def stats(self) -> dict:
         """``{"native": bool, "native_events": n, "declined": {reason: n}, "python_events": n}``."""
         s = self._nf.stats() if self._nf is not None else {"native_events": 0, "declined": {}}

@@ -35,6 +35,11 @@ from ingest.mask_key import contract_mask_key
 
 new_tuple = tuple.__new__
 
+#: Whether a run of one partner's messages goes through the accelerator's loop (``process_run``: no Python frame
+#: per event) or this module's loop calling it per event; both give the same results (tests/ingest/test_batch.py).
+#: For comparisons (bench/README.md).
+NATIVE_RUN = True
+
 __all__ = ["BatchProcessor", "BatchResult", "Entry", "PARSE_STEP", "FLATTEN_STEP", "metric_columns"]
 
 #: Step names written into dead letters: the per-element pipeline's, so the dead-letter table reads the same.
@@ -84,10 +89,11 @@ class _Partner:
         self.flattener = FastFlattener(p.flatten)
         self.aggs = tuple((a.key, metric_columns(a)) for a in p.aggregates)
         attrs = any(loc.startswith("attribute:") for loc in (env.event_id, env.user_id, env.event_time))
-        fused = None
+        fused = run = None
         if not attrs and env.event_time_format in ("auto", "iso8601"):
             # the same conditions under which EnvelopeParser uses its compiled envelope
-            fused = FastFlattener(p.flatten, p.columns, key).native_event_fn
+            ff = FastFlattener(p.flatten, p.columns, key)
+            fused, run = ff.native_event_fn, ff.native_run_fn
         self.fused = fused
         self.paths = (env.event_id, env.user_id, env.event_time)
         # the main-row columns the aggregates read (keys other than user_id, then metric columns), once each;
@@ -107,6 +113,11 @@ class _Partner:
         self.max_bytes = env.max_payload_bytes
         self.max_nesting = env.max_nesting
         self.tables: dict[str, str] = {"": self.table}  # flattener sub-table path -> warehouse table name
+        # the native loop over a run of this partner's messages (BatchProcessor.process); not where the
+        # aggregate values are read from the main row in Python anyway (native_values=False: tests compare)
+        self.run = run if (NATIVE_RUN and run is not None and (native_values or not self.aggs)) else None
+        self.run_args = (self.paths, self.want if self.aggs else None, self.max_bytes, self.max_nesting,
+                         self.tables, self.table_of, TableRow, Entry, self.agg_index)
 
     def table_of(self, sub: str) -> str:
         name = self.tables[sub] = f"{self.table}__{sub}"
@@ -135,8 +146,23 @@ class BatchProcessor:
         py_env = py_flat = nokey = 0
         keep_rows = self._keep_rows
         loads = orjson.loads
-        for msg in messages:
+        if type(messages) is not list:
+            messages = list(messages)
+        n = len(messages)
+        at = 0
+        while at < n:
+            msg = messages[at]
             pc = self._partners.get(msg.partner)
+            tried = False
+            if pc is not None and pc.run is not None:
+                # the native loop takes the run of this partner's messages it can finish itself (rows and entries
+                # exactly as below); it stops at a message it leaves to this loop, or at another partner's
+                at, missing, code, out = pc.run(messages, at, msg.partner, *pc.run_args, keep_rows, rows, entries)
+                nokey += missing
+                if code == 0:  # the end, or messages[at] is another partner's: look it up
+                    continue
+                msg, tried = messages[at], True  # code 1: out is None (the Python path); 2: the native result
+            at += 1
             if pc is None:
                 # Unknown partner means no masking policy is known: keep only a reference, never the bytes.
                 dead.append(DeadLetter(
@@ -146,8 +172,10 @@ class BatchProcessor:
                     processing_time_us=now_us))
                 continue
             payload = msg.payload
-            out = vals = None
-            if pc.fused is not None and len(payload) <= pc.max_bytes and \
+            if not tried:
+                out = None
+            vals = None
+            if not tried and pc.fused is not None and len(payload) <= pc.max_bytes and \
                     payload.count(b"{") + payload.count(b"[") <= pc.max_nesting:
                 # Depth can only exceed max_nesting with more than max_nesting opening brackets; below
                 # that the fused call cannot accept what ParseEnvelope would dead-letter as too deep.

@@ -304,6 +304,7 @@ def test_aggregate_values_path_is_used_and_falls_back_when_the_native_side_decli
     bp = BatchProcessor(c)
     acme, plain = bp._partners["acme"], bp._partners["plain"]
     assert acme.want and acme.fused_args == (*acme.paths, acme.want) and plain.fused_args == plain.paths
+    acme.run = None  # the per-event call, spied on below (the native run loop: the next test)
     lens = []
     real = acme.fused
 
@@ -324,3 +325,59 @@ def test_aggregate_values_path_is_used_and_falls_back_when_the_native_side_decli
     assert normalized(c, res)[2] == reference(c, msgs)[2]
     # a partner without aggregates asks for nothing: the 4-tuple as before
     assert len(plain.fused(b'{"id": "p1", "u": "u", "t": "2026-11-01T00:00:00Z"}', *plain.fused_args)) == 4
+
+
+# ------------------------------------------------------------------ the native loop over a run of messages
+
+def _outcome(c, res):
+    """Everything a batch's result holds, exact types and float bits included (rows' columns as stored)."""
+    rows, dead, entries = normalized(c, res)
+    return (rows, [type(r) for r in res.rows], dead, entries,
+            [(type(e), e.event_id, e.event_time_us, _strict(e.aggs), e.rows) for e in res.entries],
+            res.python_envelope, res.python_flatten, res.key_missing)
+
+
+class _Name(str):
+    """A column name the native side declines to decode values for (not exactly a str): the main row is loaded
+    in Python instead (the run loop's third way out)."""
+
+
+@pytest.mark.parametrize("keep_rows", [False, True])
+@pytest.mark.parametrize("which", ["acme", "values", "values-declined"])
+def test_the_native_run_loop_equals_the_per_event_loop(which, keep_rows):
+    """``process_run`` (one native call for a run of a partner's messages) gives what the Python loop over the
+    per-event native call gives, message for message: rows, dead letters, entries (exact values), counters and
+    the accelerator's own statistics (a decline counted once); on mixed partners, unknown partners, hostile
+    payloads, declines in the middle of a run and events whose values the native side cannot decode."""
+    from flatten.fast import native_available
+
+    if not native_available():
+        pytest.skip("the accelerator is not built")
+    c = contract() if which == "acme" else _values_contract()
+    msgs = messages() if which == "acme" else _values_messages(300)
+    codes = []
+    rng = random.Random(5)
+    rng.shuffle(msgs)  # partners interleaved: the run stops at every change of partner
+    for batch in (1, 37, len(msgs)):
+        fast, slow = BatchProcessor(c, keep_rows=keep_rows), BatchProcessor(c, keep_rows=keep_rows)
+        calls = []
+        for pc in fast._partners.values():
+            if pc.run is not None:
+                real = pc.run
+                pc.run = lambda *a, _r=real: calls.append(a[1]) or codes.append(_r(*a)) or codes[-1]
+        for pc in slow._partners.values():
+            pc.run = None
+        if which == "values-declined":
+            for bp in (fast, slow):
+                pc = bp._partners["acme"]
+                want = tuple(_Name(w) for w in pc.want)
+                pc.fused_args = (*pc.paths, want)
+                pc.run_args = (pc.paths, want, *pc.run_args[2:])
+        for i in range(0, len(msgs), batch):
+            part = msgs[i:i + batch]
+            assert _outcome(c, fast.process(part, NOW)) == _outcome(c, slow.process(part, NOW))
+        assert calls  # the run loop was taken, and left by every way out
+        assert {r[2] for r in codes} == ({0, 1, 2} if which == "values-declined" else {0, 1})
+        for name, pc in fast._partners.items():
+            if pc.fused is not None:
+                assert pc.fused.__self__.stats() == slow._partners[name].fused.__self__.stats()
