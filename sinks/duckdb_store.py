@@ -484,10 +484,14 @@ class DuckDBWarehouse:
                 if p.main:
                     continue
                 keyed = self._has_key(con, p.table)
-                with_main = p.subset(lambda r: (r.partner, r.event_id) in new)
+                of_events = {(r.partner, r.event_id) for r in p.rows}
+                if of_events <= new:  # the common case: every child row's main row is stored by this write
+                    with_main, orphans = p, None
+                else:
+                    with_main = p.subset(lambda r: (r.partner, r.event_id) in new)
+                    orphans = None if of_events <= events else p.subset(lambda r: (r.partner, r.event_id) not in events)
                 if with_main is not None:
                     with_main.run(con, "ignore" if careful and keyed else "plain")
-                orphans = p.subset(lambda r: (r.partner, r.event_id) not in events)
                 if orphans is not None:
                     orphans.run(con, "ignore" if keyed else "absent")
             con.execute("COMMIT")
