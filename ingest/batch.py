@@ -7,7 +7,10 @@ result is exactly what ``ParseEnvelope`` followed by ``FlattenEvents`` produce f
 
 * where the compiled accelerator takes the event (well-formed, envelope paths in the payload, ISO
   event time, nesting provably within ``max_nesting``), one native call does parse + mask +
-  envelope + flatten (``FastFlattener.native_event_fn``), instead of two parses;
+  envelope + flatten (``FastFlattener.native_event_fn``), instead of two parses; a run of one
+  partner's messages goes through the accelerator's own loop (``FastFlattener.native_run_fn``),
+  which builds the ``TableRow``s and the ``Entry`` as the Python loop below does and hands that loop
+  every message it does not finish itself;
 * everything else goes through the very objects the per-element steps use
   (``EnvelopeParser.parse``, then ``FastFlattener.rows``), dead letters included, with the same
   step names in them (``ParseEnvelope``, ``FlattenEvents``).
