@@ -888,28 +888,12 @@ impl NativeFlattener {
                 self.native_events += 1;
                 let mut items = Vec::with_capacity(rows.len());
                 for r in rows {
-                    if !self.table_str.contains_key(&r.table) {
-                        if self.table_str.len() > 4096 {
-                            self.table_str.clear();
-                        }
-                        self.table_str.insert(r.table.clone(), PyString::new(py, &r.table).unbind());
-                    }
-                    let last = self.last_types.get(&r.table).filter(|(t, _)| *t == r.types).map(|(_, b)| b.bind(py).clone());
-                    let types = match last {
-                        Some(b) => b,
-                        None => {
-                            let b = self.types_for(py, &r.types);
-                            if self.last_types.len() >= 4096 {
-                                self.last_types.clear();
-                            }
-                            self.last_types.insert(r.table.clone(), (r.types.clone(), b.clone().unbind()));
-                            b
-                        }
-                    };
+                    let table = self.table_py(py, &r.table);
+                    let types = self.types_py(py, &r.table, &r.types);
                     let row = PyTuple::new(
                         py,
                         [
-                            self.table_str[&r.table].bind(py).clone().into_any(),
+                            table.into_any(),
                             PyString::new(py, &r.row_id).into_any(),
                             PyBytes::new(py, &r.cols).into_any(),
                             types.into_any(),
