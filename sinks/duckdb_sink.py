@@ -24,7 +24,7 @@ from flatten import live
 from flatten.options import SchemaMode
 from flatten.records import TableRow
 from sinks import ledger
-from sinks.duckdb_store import DuckDBWarehouse, release_held, schema_epoch
+from sinks.duckdb_store import DuckDBWarehouse, prepare_rows, release_held, schema_epoch
 from sinks.spec import TableSpec, WarehouseSpec
 
 __all__ = ["WriteToDuckDB", "FLUSH_ROWS", "deferred_writes"]
@@ -54,6 +54,9 @@ HELD_FLUSH_ROWS = 10_000
 #: for CPU: 1M events, 20,000 users: 65-73 CPU-s against 71-90 (two alternating rounds, noisy), +25-45 MB peak
 #: RSS; 256 MB gained nothing more and cost +325 MB (bench/README.md, "Fourth pass").
 CHECKPOINT_THRESHOLD = "64MB"
+#: A rows write's grouping and Arrow columns are built by the bundle's thread (``duckdb_store.prepare_rows``),
+#: not by the writer thread (bench/README.md, "Ninth pass").
+PREPARE_IN_BUNDLE = True
 #: Deferred writes (``deferred_writes``: a bounded run in this process): the rows writer's queued buffers
 #: are held in memory up to this many bytes of row data; the buffers queued beyond it wait in a spill file.
 DEFER_MEMORY_BYTES = 96 << 20
@@ -300,6 +303,8 @@ class _BufferedWriteFn(beam.DoFn):
         if self._defer is not None:
             self._enqueue(buf)
             return
+        if PREPARE_IN_BUNDLE and self._kind == "rows":
+            buf = prepare_rows(buf)  # here, while the write in flight goes on (duckdb_store.PreparedRows)
         self._wait()
         self._pending = self._pool.submit(self._write, buf)
 

@@ -65,7 +65,8 @@ from flatten.records import AggregateRow, DeadLetter, Reason, TableRow
 from flatten.schema import ColumnSchema, TableSchema, reconcile
 from sinks.spec import TableSpec, WarehouseSpec
 
-__all__ = ["DuckDBWarehouse", "create_table_sql", "duck_type", "open_readonly", "release_held"]
+__all__ = ["DuckDBWarehouse", "PreparedRows", "create_table_sql", "duck_type", "open_readonly", "prepare_rows",
+           "release_held"]
 
 #: DuckDB worker threads of a write connection. Writes run beside the pipeline (the sink's writer thread),
 #: and with DuckDB's default (one per core) the same inserts took 30-40 % more CPU on the 2-core machine
@@ -335,24 +336,24 @@ class DuckDBWarehouse:
         in one transaction, or not at all). Returns dead letters for rows the warehouse rejected."""
         if not rows:
             return []
-        by_table: dict[str, dict[str, TableRow]] = {}
-        for r in rows:
-            by_table.setdefault(r.table, {})[r.row_id] = r
+        tables = rows.tables if isinstance(rows, PreparedRows) else _by_table(rows)
 
         def go(con) -> list[DeadLetter]:
             dead: list[DeadLetter] = []
             plans: list[_Plan] = []
-            for table, batch in by_table.items():
-                dead += self._prepare_table(con, table, list(batch.values()), plans)
+            for table, (batch, groups) in tables.items():
+                dead += self._prepare_table(con, table, batch, plans, groups)
             if plans:
                 dead += self._store(con, plans)
             return dead
 
         return self._with_conn(go)
 
-    def _prepare_table(self, con, table: str, batch: list[TableRow], plans: list) -> list[DeadLetter]:
+    def _prepare_table(self, con, table: str, batch: list[TableRow], plans: list,
+                       groups: Optional[dict] = None) -> list[DeadLetter]:
         """Reconcile a table's rows with its schema (creating and evolving it: DDL, committed on its own as
-        before) and append the insert statements they need to ``plans``. Returns the rows ``freeze`` refuses."""
+        before) and append the insert statements they need to ``plans``. Returns the rows ``freeze`` refuses.
+        ``groups``: the batch's rows by their types, with their Arrow columns (``prepare_rows``), or None."""
         partner = batch[0].partner
         spec = self.tables[partner]
         mode = self.modes.get(partner, SchemaMode.EVOLVE)
@@ -406,7 +407,11 @@ class DuckDBWarehouse:
                 ready += group
                 ready_recs += [_with_id(loads(r.row), r.row_id) for r in group]
             else:
-                plans.append(_Plan(table, main, group, None, read_types, pcol, gran))
+                plan = _Plan(table, main, group, None, read_types, pcol, gran)
+                pre = groups.get(types_bytes) if groups else None
+                if pre is not None and len(pre.rows) == len(group):  # the group is a suffix of pre.rows: the same
+                    plan.arrow, plan.events = pre.arrow, pre.events
+                plans.append(plan)
         if ready:
             plans.append(_Plan(table, main, ready, ready_recs, dict_types, pcol, gran))
         return dead
@@ -465,7 +470,11 @@ class DuckDBWarehouse:
         main row this write stored. Optimistic (``careful`` False): plain INSERTs, a stored main row id fails
         the statement; careful: main rows ``INSERT OR IGNORE ... RETURNING`` the stored ones. Child rows whose
         main row is not in this write (a rejected main row) go in only where their ``_row_id`` is absent."""
-        events = {(r.partner, r.event_id) for p in plans if p.main for r in p.rows}
+        mains = [p for p in plans if p.main]
+        if len(mains) == 1 and mains[0].events is not None:
+            events = mains[0].events  # prepared by the caller's thread (prepare_rows); not changed below
+        else:
+            events = {(r.partner, r.event_id) for p in mains for r in p.rows}
         index = 0
         new = set() if careful else events  # the events whose main row this write stores
         con.execute("BEGIN TRANSACTION")
@@ -484,7 +493,7 @@ class DuckDBWarehouse:
                 if p.main:
                     continue
                 keyed = self._has_key(con, p.table)
-                of_events = {(r.partner, r.event_id) for r in p.rows}
+                of_events = p.events if p.events is not None else {(r.partner, r.event_id) for r in p.rows}
                 if of_events <= new:  # the common case: every child row's main row is stored by this write
                     with_main, orphans = p, None
                 else:
@@ -582,12 +591,15 @@ class _Plan:
     """One insert statement of a write: rows of one table, as JSON text (``recs`` None: every row has exactly
     the columns of ``read_types``) or as reconciled dicts (``recs``, parallel to ``rows``)."""
 
-    __slots__ = ("table", "main", "rows", "recs", "read_types", "pcol", "gran")
+    __slots__ = ("table", "main", "rows", "recs", "read_types", "pcol", "gran", "arrow", "events")
 
     def __init__(self, table: str, main: bool, rows: list, recs: Optional[list], read_types: dict, pcol: str,
                  gran: str):
         self.table, self.main, self.rows, self.recs = table, main, rows, recs
         self.read_types, self.pcol, self.gran = read_types, pcol, gran
+        # what prepare_rows built for exactly these rows (JSON text plans only), or None: built when needed
+        self.arrow: Optional[object] = None  # pyarrow Table (_row_id, _doc)
+        self.events: Optional[set] = None  # {(partner, event_id)} of the rows
 
     @property
     def part(self) -> str:
@@ -622,7 +634,7 @@ class _Plan:
         order = "_partition" if len(self.rows) >= ROW_GROUP_ROWS else None
         if self.recs is None:
             _json_insert(con, self.table, self.rows, self.read_types, self.part, order_by=order,
-                         mode=mode, returned=returned, target=target)
+                         mode=mode, returned=returned, target=target, arrow=self.arrow)
         elif not _arrow_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
                                order_by=order, mode=mode, returned=returned, target=target):
             _bulk_insert(con, self.table, self.recs, self.read_types, {}, extra={"_partition": self.part},
@@ -770,17 +782,15 @@ def create_table_sql(table: str, keyed: bool) -> str:
 
 def _json_insert(con, table: str, rows: list, read_types: dict[str, str], partition: str,
                  order_by: Optional[str] = None, mode: Optional[str] = None, returned: Optional[list] = None,
-                 target: Optional[str] = None) -> None:
+                 target: Optional[str] = None, arrow=None) -> None:
     """INSERT OR IGNORE rows (TableRow: ``row_id`` and ``row``, its columns' JSON) that all have exactly the
     columns of ``read_types``, through an Arrow table of (row id, JSON text) that DuckDB turns into typed
     columns with ``json_transform_strict``: the JSON reader's conversions (as ``read_json`` applied them to
     the NDJSON file this replaced; ``tests/sinks/test_duckdb_arrow.py`` compares the two), no per-row
-    parsing in Python, no temporary file."""
-    import pyarrow as pa
-
+    parsing in Python, no temporary file. ``arrow``: that table, built beforehand (``prepare_rows``)."""
     structure = orjson.dumps({n: t for n, t in read_types.items() if n != "_row_id"}).decode()
-    arrow = pa.table({"_row_id": pa.array([r.row_id for r in rows], pa.string()),
-                      "_doc": pa.array([r.row for r in rows], pa.binary()).cast(pa.string())})
+    if arrow is None:
+        arrow = _json_arrow(rows)
     names = ", ".join(_q(n) for n in read_types)
     order = f" ORDER BY {_q(order_by)}" if order_by else ""
     view = "_hw_json_batch"
@@ -792,6 +802,60 @@ def _json_insert(con, table: str, rows: list, read_types: dict[str, str], partit
                     mode, returned, target)
     finally:
         con.unregister(view)
+
+
+def _json_arrow(rows: list):
+    """The Arrow table ``_json_insert`` reads: (``_row_id``, ``_doc``: the row's JSON text)."""
+    import pyarrow as pa
+
+    return pa.table({"_row_id": pa.array([r.row_id for r in rows], pa.string()),
+                     "_doc": pa.array([r.row for r in rows], pa.binary()).cast(pa.string())})
+
+
+def _by_table(rows: Iterable[TableRow]) -> dict:
+    """table -> (its rows, None): one row per ``row_id`` (the last one, at the first one's place)."""
+    by_table: dict[str, dict[str, TableRow]] = {}
+    for r in rows:
+        by_table.setdefault(r.table, {})[r.row_id] = r
+    return {table: (list(batch.values()), None) for table, batch in by_table.items()}
+
+
+class _Group:
+    """A table's rows of a write that share their types' bytes, with what their statement needs."""
+
+    __slots__ = ("rows", "arrow", "events")
+
+    def __init__(self, rows: list):
+        self.rows = rows
+        self.arrow = _json_arrow(rows)
+        self.events = {(r.partner, r.event_id) for r in rows}
+
+
+class PreparedRows(list):
+    """A write's rows (a list of TableRow) with what ``write_rows`` first computes from them: ``tables``,
+    table -> (its rows, {types bytes: _Group}). Built by ``prepare_rows`` in the thread that makes the
+    write, so that the writer thread, the bounded job's slowest part, spends its time in DuckDB: each of
+    its Python steps waits for the interpreter's lock behind the pipeline thread (bench/README.md, "Ninth
+    pass"). ``write_rows`` stores the same rows whether given these or the plain list."""
+
+    __slots__ = ("tables",)
+
+
+def prepare_rows(rows: Iterable[TableRow]) -> PreparedRows:
+    """``rows`` as a PreparedRows (above)."""
+    out = PreparedRows(rows)
+    tables = {}
+    for table, (batch, _) in _by_table(out).items():
+        by_types: dict[bytes, list] = {}
+        for r in batch:
+            g = by_types.get(r.types)
+            if g is None:
+                by_types[r.types] = [r]
+            else:
+                g.append(r)
+        tables[table] = (batch, {t: _Group(g) for t, g in by_types.items()})
+    out.tables = tables
+    return out
 
 
 #: DuckDB read types that travel as native Arrow arrays; the others (TIMESTAMP, DATE, DECIMAL...) travel as
