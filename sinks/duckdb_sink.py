@@ -48,6 +48,10 @@ HOLD_MAX_S = 100.0
 #: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
 #: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
 HELD_FLUSH_ROWS = 10_000
+#: Writes a bounded rows writer keeps queued or in flight before its bundle waits for the oldest: one write
+#: in flight left the writer idle while the bundle filled the next buffer and the bundle waiting while a write
+#: that checkpointed took long (bench/README.md, "Ninth pass"). The bundle still ends only once all are stored.
+HELD_IN_FLIGHT = 2
 #: DuckDB checkpoints a file at the commit that takes its write-ahead log past ``checkpoint_threshold`` (16 MB
 #: by default: every few 10,000-row writes, ~45 % of the writer's samples at 1M events were commits). The held
 #: bounded writer raises it to this; the log's rows wait in memory until the checkpoint, so this trades memory
@@ -227,9 +231,10 @@ class _BufferedWriteFn(beam.DoFn):
         self._wh = (_HeldWarehouse(*self._args) if self._hold
                     else DuckDBWarehouse(*self._args, keep_open=self._keep_open))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duckdb-{self._kind}")
-        self._pending: Optional[Future] = None
+        self._pending: collections.deque = collections.deque()  # the writes in flight (Futures), oldest first
         self._closing: Optional[Future] = None
         self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
+        self._in_flight = HELD_IN_FLIGHT if self._hold else 1
         self._mains = {partner: spec.name for partner, spec in self._args[1].items()}  # partner -> main table
         # a bounded run in this process (deferred_writes): rows writes queue and the bundle does not wait
         self._defer = _DEFERRAL if (self._hold and self._kind == "rows") else None
@@ -284,17 +289,17 @@ class _BufferedWriteFn(beam.DoFn):
             if closing is not None:
                 closing.result()  # re-raises a failed checkpoint
 
-    def _wait(self) -> None:
-        """Wait for the write in flight (re-raising its error) and count it here: Beam metrics belong to the
-        bundle's thread."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        written, rejected = pending.result()
-        if rejected:
-            self._rejected.inc(rejected)
-        self._written.inc(written)
-        live.inc(f"{self._kind}_writes")  # writes per kind: with *_written, the rows per write (bench/stream_bench.py)
+    def _wait(self, keep: int = 0) -> None:
+        """Wait for the writes in flight, oldest first, until ``keep`` remain (re-raising a write's error), and
+        count them here: Beam metrics belong to the bundle's thread."""
+        pending = self._pending
+        while len(pending) > keep:
+            written, rejected = pending[0].result()
+            pending.popleft()
+            if rejected:
+                self._rejected.inc(rejected)
+            self._written.inc(written)
+            live.inc(f"{self._kind}_writes")  # writes per kind: with *_written, the rows per write (stream_bench)
 
     def _flush(self) -> None:
         buf, self._buf = self._buf, []
@@ -305,19 +310,24 @@ class _BufferedWriteFn(beam.DoFn):
             return
         if PREPARE_IN_BUNDLE and self._kind == "rows":
             buf = prepare_rows(buf)  # here, while the write in flight goes on (duckdb_store.PreparedRows)
-        self._wait()
-        self._pending = self._pool.submit(self._write, buf)
+        self._wait(keep=self._in_flight - 1)
+        self._pending.append(self._pool.submit(self._write, buf))
 
     # ---- deferred writes (a bounded run in this process: deferred_writes)
 
     def _enqueue(self, buf: list) -> None:
         self._collect()  # re-raises a failed write in this bundle: the job fails now, not at its end
-        size = sum(len(r.row) for r in buf) + _ROW_OVERHEAD * len(buf)
+        data = sum(len(r.row) for r in buf)
+        # prepared (PREPARE_IN_BUNDLE): its Arrow columns hold a second copy of the row data
+        size = data * (2 if PREPARE_IN_BUNDLE else 1) + _ROW_OVERHEAD * len(buf)
         with self._qlock:
             spill = self._queue and self._queued + size > DEFER_MEMORY_BYTES
             if not spill:
                 self._queued += size
-        item = self._defer.spill(buf) if spill else buf
+        if spill:
+            item = self._defer.spill(buf)
+        else:
+            item = prepare_rows(buf) if PREPARE_IN_BUNDLE else buf
         self._queue.append(self._pool.submit(self._write_queued, item, 0 if spill else size))
 
     def _write_queued(self, item, size: int) -> "tuple[int, int]":
