@@ -124,6 +124,44 @@ def test_bundle_lifecycle_waits_for_rows_and_releases_the_file(tmp_path):
     assert _counts_in_other_process(path) == {"t": (310, 310), "t__accounts": (620, 620)}
 
 
+def test_a_bundle_keeps_two_writes_in_flight_and_ends_only_when_all_are_stored(tmp_path, monkeypatch):
+    """HELD_IN_FLIGHT: the bundle goes on while two writes are queued or running, waits for the oldest before a
+    third, and finish_bundle waits for every one; each write gets its rows prepared (PreparedRows)."""
+    import threading
+
+    path = tmp_path / "w.duckdb"
+    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 30)
+    fn = duckdb_sink._BufferedWriteFn("rows", WarehouseSpec(kind="duckdb", path=str(path)),
+                                      {"acme": TableSpec(name="t")}, {"acme": SchemaMode.EVOLVE}, hold=True)
+    fn.setup()
+    gate, started, done, kinds = threading.Event(), [], [], []
+    real = fn._wh.write_rows
+
+    def write_rows(rows):
+        started.append(len(rows))
+        kinds.append(type(rows).__name__)
+        assert gate.wait(30)
+        out = real(rows)
+        done.append(len(rows))
+        return out
+
+    fn._wh.write_rows = write_rows
+    fn.start_bundle()
+    fn.process(_rows(10))  # 30 rows: one write
+    fn.process(_rows(10, start=10))  # a second: both in flight, the bundle has not waited
+    assert len(fn._pending) == 2 and not done
+    waiter = threading.Thread(target=fn.process, args=(_rows(10, start=20),))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "a third write must wait for the oldest"
+    gate.set()
+    waiter.join(30)
+    fn.finish_bundle()
+    assert not fn._pending and sorted(done) == [30, 30, 30] and set(kinds) == {"PreparedRows"}
+    fn.teardown()
+    assert _counts_in_other_process(path) == {"t": (30, 30), "t__accounts": (60, 60)}
+
+
 def test_bounded_settings_are_restored():
     before_gc, before_si = gc.get_threshold(), sys.getswitchinterval()
     with pytest.raises(RuntimeError):
