@@ -58,8 +58,8 @@ HELD_IN_FLIGHT = 2
 #: for CPU: 1M events, 20,000 users: 65-73 CPU-s against 71-90 (two alternating rounds, noisy), +25-45 MB peak
 #: RSS; 256 MB gained nothing more and cost +325 MB (bench/README.md, "Fourth pass").
 CHECKPOINT_THRESHOLD = "64MB"
-#: A rows write's grouping and Arrow columns are built by the bundle's thread (``duckdb_store.prepare_rows``),
-#: not by the writer thread (bench/README.md, "Ninth pass").
+#: A bounded rows write's grouping and Arrow columns are built by the bundle's thread
+#: (``duckdb_store.prepare_rows``), not by the writer thread (bench/README.md, "Ninth pass").
 PREPARE_IN_BUNDLE = True
 #: Deferred writes (``deferred_writes``: a bounded run in this process): the rows writer's queued buffers
 #: are held in memory up to this many bytes of row data; the buffers queued beyond it wait in a spill file.
@@ -308,7 +308,7 @@ class _BufferedWriteFn(beam.DoFn):
         if self._defer is not None:
             self._enqueue(buf)
             return
-        if PREPARE_IN_BUNDLE and self._kind == "rows":
+        if PREPARE_IN_BUNDLE and self._hold and self._kind == "rows":  # bounded; the live sink's path unchanged
             buf = prepare_rows(buf)  # here, while the write in flight goes on (duckdb_store.PreparedRows)
         self._wait(keep=self._in_flight - 1)
         self._pending.append(self._pool.submit(self._write, buf))
@@ -317,17 +317,14 @@ class _BufferedWriteFn(beam.DoFn):
 
     def _enqueue(self, buf: list) -> None:
         self._collect()  # re-raises a failed write in this bundle: the job fails now, not at its end
-        data = sum(len(r.row) for r in buf)
-        # prepared (PREPARE_IN_BUNDLE): its Arrow columns hold a second copy of the row data
-        size = data * (2 if PREPARE_IN_BUNDLE else 1) + _ROW_OVERHEAD * len(buf)
+        # not prepared here (prepare_rows): a run with aggregates is not bound by this writer, and the Arrow
+        # copy would cost memory (measured: the same CPU and wall clock, +40-90 MB; bench/README.md "Ninth pass")
+        size = sum(len(r.row) for r in buf) + _ROW_OVERHEAD * len(buf)
         with self._qlock:
             spill = self._queue and self._queued + size > DEFER_MEMORY_BYTES
             if not spill:
                 self._queued += size
-        if spill:
-            item = self._defer.spill(buf)
-        else:
-            item = prepare_rows(buf) if PREPARE_IN_BUNDLE else buf
+        item = self._defer.spill(buf) if spill else buf
         self._queue.append(self._pool.submit(self._write_queued, item, 0 if spill else size))
 
     def _write_queued(self, item, size: int) -> "tuple[int, int]":
