@@ -45,9 +45,16 @@ HOLD_S = 10.0
 #: below the 120 s another writer waits for the file's lock.
 HOLD_CLOSE_RATIO = 10.0
 HOLD_MAX_S = 100.0
-#: Rows per write while the connection is held: no checkpoint per write then, so smaller writes cost the
-#: same per row and keep the writer close behind the pipeline (what is left when the stage ends is waited for).
-HELD_FLUSH_ROWS = 10_000
+#: Rows per write while the connection is held (a bounded run without aggregates: its bundle waits for its
+#: writes, two in flight): no checkpoint per write. Fewer, larger writes mean fewer statements and commits, each
+#: of which hands the interpreter's lock back and forth: 1M events without aggregates 18.9-19.3 s at 40,000
+#: against 20.6-21.6 at 20,000 and 21.2-21.6 at 10,000, +90 MB peak RSS; 80,000 gained ~0.5 s for +190 MB more
+#: (bench/README.md, "Ninth pass").
+HELD_FLUSH_ROWS = 40_000
+#: ... and per write of a deferred rows writer (a bounded run with aggregates, ``deferred_writes``): smaller,
+#: since its queue is held in memory beside the fold (20,000 saved ~3 % CPU at 1M for +130-200 MB peak RSS,
+#: not taken without a 10M measurement).
+DEFERRED_FLUSH_ROWS = 10_000
 #: Writes a bounded rows writer keeps queued or in flight before its bundle waits for the oldest: one write
 #: in flight left the writer idle while the bundle filled the next buffer and the bundle waiting while a write
 #: that checkpointed took long (bench/README.md, "Ninth pass"). The bundle still ends only once all are stored.
@@ -233,11 +240,12 @@ class _BufferedWriteFn(beam.DoFn):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"duckdb-{self._kind}")
         self._pending: collections.deque = collections.deque()  # the writes in flight (Futures), oldest first
         self._closing: Optional[Future] = None
-        self._flush_rows = HELD_FLUSH_ROWS if self._hold else FLUSH_ROWS
-        self._in_flight = HELD_IN_FLIGHT if self._hold else 1
         self._mains = {partner: spec.name for partner, spec in self._args[1].items()}  # partner -> main table
         # a bounded run in this process (deferred_writes): rows writes queue and the bundle does not wait
         self._defer = _DEFERRAL if (self._hold and self._kind == "rows") else None
+        self._flush_rows = (FLUSH_ROWS if not self._hold else
+                            DEFERRED_FLUSH_ROWS if self._defer is not None else HELD_FLUSH_ROWS)
+        self._in_flight = HELD_IN_FLIGHT if self._hold else 1
         self._queue: collections.deque = collections.deque()  # the deferred writes, oldest first
         self._queued = 0  # bytes of row data the queued in-memory buffers hold
         self._qlock = threading.Lock()

@@ -37,6 +37,7 @@ def test_a_rows_bundle_ends_before_its_writes_and_the_run_end_waits_for_them(tmp
     with duckdb_sink.deferred_writes():
         fn = _writer(path)
         fn.setup()
+        assert fn._flush_rows == duckdb_sink.DEFERRED_FLUSH_ROWS  # not the held writer's larger writes
         fn.start_bundle()
         with lock:  # the writer thread cannot write while this is held
             for k in range(0, 300, 30):
@@ -70,7 +71,7 @@ def test_outside_the_run_context_a_rows_bundle_waits_for_its_writes(tmp_path):
 
 def test_buffers_beyond_the_memory_budget_wait_in_spill_files_and_are_written_once(tmp_path, monkeypatch):
     monkeypatch.setattr(duckdb_sink, "DEFER_MEMORY_BYTES", 20_000)  # ~ one 30-event buffer
-    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 90)  # a write per 30 events (3 rows each)
+    monkeypatch.setattr(duckdb_sink, "DEFERRED_FLUSH_ROWS", 90)  # a write per 30 events (3 rows each)
     path = tmp_path / "w.duckdb"
     lock = duckdb_store._lock_for(str(path))
     before = _spills()
@@ -107,7 +108,7 @@ def _bad_rows() -> list:
 
 
 def test_a_write_that_fails_after_the_last_bundle_fails_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 15)  # a write per 5 events
+    monkeypatch.setattr(duckdb_sink, "DEFERRED_FLUSH_ROWS", 15)  # a write per 5 events
     path = tmp_path / "w.duckdb"
     lock = duckdb_store._lock_for(str(path))
     with pytest.raises(RuntimeError, match=r"1 deferred DuckDB write\(s\) failed.*KeyError.*nobody"):
@@ -124,7 +125,7 @@ def test_a_write_that_fails_after_the_last_bundle_fails_the_run(tmp_path, monkey
 
 
 def test_a_failed_write_fails_the_next_flush_in_its_bundle(tmp_path, monkeypatch):
-    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 15)  # a write per 5 events
+    monkeypatch.setattr(duckdb_sink, "DEFERRED_FLUSH_ROWS", 15)  # a write per 5 events
     path = tmp_path / "w.duckdb"
     lock = duckdb_store._lock_for(str(path))
     with pytest.raises(KeyError, match="nobody"):
@@ -149,7 +150,7 @@ def test_a_failed_write_fails_the_next_flush_in_its_bundle(tmp_path, monkeypatch
 def test_a_failed_run_abandons_the_writes_that_have_not_started(tmp_path, monkeypatch):
     """A run that fails or is stopped (Ctrl-C) waits only for the write in progress: rows are idempotent,
     a rerun writes the rest; it does not sit through the whole queue."""
-    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 15)  # a write per 5 events
+    monkeypatch.setattr(duckdb_sink, "DEFERRED_FLUSH_ROWS", 15)  # a write per 5 events
     path = tmp_path / "w.duckdb"
     lock = duckdb_store._lock_for(str(path))
     lock.acquire()
@@ -178,7 +179,7 @@ def test_a_failed_run_abandons_the_writes_that_have_not_started(tmp_path, monkey
 
 def test_bounded_settings_drain_the_run_and_remove_its_spills(tmp_path, monkeypatch):
     monkeypatch.setattr(duckdb_sink, "DEFER_MEMORY_BYTES", 1)
-    monkeypatch.setattr(duckdb_sink, "HELD_FLUSH_ROWS", 30)
+    monkeypatch.setattr(duckdb_sink, "DEFERRED_FLUSH_ROWS", 30)
     path = tmp_path / "w.duckdb"
     before = _spills()
     with bounded_settings(defer_writes=True):
