@@ -51,9 +51,10 @@ HOLD_MAX_S = 100.0
 #: against 20.6-21.6 at 20,000 and 21.2-21.6 at 10,000, +90 MB peak RSS; 80,000 gained ~0.5 s for +190 MB more
 #: (bench/README.md, "Ninth pass").
 HELD_FLUSH_ROWS = 40_000
-#: ... and per write of a deferred rows writer (a bounded run with aggregates, ``deferred_writes``): smaller,
-#: since its queue is held in memory beside the fold (20,000 saved ~3 % CPU at 1M for +130-200 MB peak RSS,
-#: not taken without a 10M measurement).
+#: ... and per write of a deferred rows writer (a bounded run with aggregates, ``deferred_writes``): its writes
+#: are off the run's critical path (the fold runs meanwhile) and its queue is held in memory; 40,000 gave
+#: -3 % CPU within noise, +1.3 s wall clock and +30 MB at 1M (three pairs), 1,286 MB at 10M (bench/README.md,
+#: "Ninth pass"): not taken.
 DEFERRED_FLUSH_ROWS = 10_000
 #: Writes a bounded rows writer keeps queued or in flight before its bundle waits for the oldest: one write
 #: in flight left the writer idle while the bundle filled the next buffer and the bundle waiting while a write
