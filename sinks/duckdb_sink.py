@@ -223,7 +223,8 @@ class _HeldWarehouse(DuckDBWarehouse):
 class _BufferedWriteFn(beam.DoFn):
     """Buffers one bundle of one record kind and writes it in the background: while DuckDB inserts and
     checkpoints one buffer (it releases the GIL), the stage goes on producing the next. At most one write
-    is in flight; ``finish_bundle`` waits for it, so a bundle only completes once its rows are stored."""
+    is in flight (two queued or in flight for the bounded held writer: ``HELD_IN_FLIGHT``); ``finish_bundle``
+    waits for them, so a bundle only completes once its rows are stored."""
 
     def __init__(self, kind: str, warehouse: WarehouseSpec, tables: Mapping[str, TableSpec],
                  modes: Mapping[str, SchemaMode], hold: bool = False, keep_open: bool = False):
