@@ -47,7 +47,7 @@ HOLD_CLOSE_RATIO = 10.0
 HOLD_MAX_S = 100.0
 #: Rows per write while the connection is held (a bounded run without aggregates: its bundle waits for its
 #: writes, two in flight): no checkpoint per write. Fewer, larger writes mean fewer statements and commits, each
-#: of which hands the interpreter's lock back and forth: 1M events without aggregates 18.9-19.3 s at 40,000
+#: of which hands the interpreter's lock back and forth: 1M events without aggregates 18.9-19.6 s at 40,000
 #: against 20.6-21.6 at 20,000 and 21.2-21.6 at 10,000, +90 MB peak RSS; 80,000 gained ~0.5 s for +190 MB more
 #: (bench/README.md, "Ninth pass").
 HELD_FLUSH_ROWS = 40_000
