@@ -306,10 +306,7 @@ class _BufferedWriteFn(beam.DoFn):
         while len(pending) > keep:
             written, rejected = pending[0].result()
             pending.popleft()
-            if rejected:
-                self._rejected.inc(rejected)
-            self._written.inc(written)
-            live.inc(f"{self._kind}_writes")  # writes per kind: with *_written, the rows per write (stream_bench)
+            self._count(written, rejected)
 
     def _flush(self) -> None:
         buf, self._buf = self._buf, []
@@ -352,10 +349,11 @@ class _BufferedWriteFn(beam.DoFn):
             self._count(written, rejected)
 
     def _count(self, written: int, rejected: int) -> None:
+        """Count a completed write (``_wait`` and the deferred writes alike)."""
         if rejected:
             self._rejected.inc(rejected)
         self._written.inc(written)
-        live.inc(f"{self._kind}_writes")
+        live.inc(f"{self._kind}_writes")  # writes per kind: with *_written, the rows per write (bench/stream_bench.py)
 
     def _drain(self, d: _Deferral, abandon: bool = False) -> None:
         """At the end of the run: wait for every queued write (``abandon``: the run failed or was stopped,
